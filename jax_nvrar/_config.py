@@ -1,0 +1,61 @@
+"""Every environment variable jax_nvrar reads, in one place.
+
+Each is read when it is needed (at trace time or in ``initialize``), never on
+the hot path of a compiled program. README.md's table mirrors this list.
+"""
+
+from __future__ import annotations
+
+import os
+
+BACKENDS = ("auto", "xla", "reference", "nvshmem")
+ALGOS = ("auto", "oneshot", "twoshot")
+
+#: name -> (default, meaning). Defaults are strings, as the environment holds.
+VARIABLES = {
+    "JAX_NVRAR_BACKEND": (
+        "auto", "default backend of jax_nvrar.psum when backend=None"),
+    "JAX_NVRAR_NODE_SIZE": (
+        "", "devices per (virtual) node along the reduced axis; empty: from "
+            "the runtime, else the whole axis is one node"),
+    "JAX_NVRAR_ALGO": (
+        "auto", "single-node kernel variant: auto, oneshot or twoshot"),
+    "JAX_NVRAR_WORKSPACE_MB": (
+        "64", "symmetric workspace per communicator slot, in MiB"),
+    "JAX_NVRAR_SLOTS": (
+        "4", "communicator slots: distinct reduction-group layouts "
+             "(e.g. 'tp' and 'dp' of one mesh) a process can use"),
+    "JAX_NVRAR_TIMEOUT_S": (
+        "20", "seconds a kernel spin-wait may last before it reports the PE, "
+              "phase and sequence number and traps"),
+    "JAX_NVRAR_AUTO_MAX_MB": (
+        "16", "backend='auto' uses the kernel up to this message size (MiB) "
+              "and XLA's psum above it"),
+}
+
+
+def get(name: str) -> str:
+    default, _ = VARIABLES[name]
+    return os.environ.get(name, default).strip()
+
+
+def get_choice(name: str, choices: tuple[str, ...]) -> str:
+    value = get(name) or VARIABLES[name][0]
+    if value not in choices:
+        raise ValueError(
+            f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def get_int(name: str, *, minimum: int = 0) -> int | None:
+    """The variable as an int, None when empty; ValueError when malformed."""
+    value = get(name)
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+    if number < minimum:
+        raise ValueError(f"{name}={number} must be >= {minimum}")
+    return number

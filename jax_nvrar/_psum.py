@@ -1,0 +1,267 @@
+"""``jax_nvrar.psum`` and the primitive behind its non-XLA backends.
+
+The primitive ``nvrar_allreduce`` is typed exactly as ``lax.psum``: its
+abstract evaluation *is* psum's (``psum_invariant`` under ``check_vma=True``,
+``psum`` otherwise), and its transpose is psum's transpose, so shard_map's
+type checks, ``grad``, ``vmap``, ``scan`` and ``jit`` caching treat it as
+psum. Only the lowering differs:
+  * ``impl="reference"``: the NVRAR schedule from ``lax.ppermute``
+    (``_reference.py``), on any platform;
+  * ``impl="nvshmem"``: the CUDA kernel as an XLA FFI custom call. The group
+    table (which PEs reduce together) is built at lowering time from the
+    mesh, as JAX builds psum's replica groups.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import config as jax_config
+from jax._src import core
+from jax._src.interpreters import ad, batching, mlir, pxla
+from jax._src.lax import parallel as lax_parallel
+
+from jax_nvrar import _config, _reference, _runtime, _schedule
+
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16),
+                 np.dtype(np.float16))
+_FFI_TARGET = "nvrar_allreduce"
+
+
+def _psum_primitive():
+    """psum's own primitive for the current vma mode."""
+    if jax_config._check_vma.value:
+        return lax_parallel.psum_invariant_p, {}
+    return lax_parallel.psum_p, {"axis_index_groups": None}
+
+
+def _abstract_eval(aval, *, axes, node_size, impl, algo):
+    prim, extra = _psum_primitive()
+    return prim.abstract_eval(aval, axes=axes, **extra)
+
+
+def _transpose(ct, x, *, axes, node_size, impl, algo):
+    prim, extra = _psum_primitive()
+    return ad.primitive_transposes[prim](ct, x, axes=axes, **extra)
+
+
+def _batch(args, dims, **params):
+    # A positional vmap axis is just more elements to sum; reductions over
+    # vmapped *named* axes never reach here (psum() sends them to lax.psum).
+    (x,), (dim,) = args, dims
+    return allreduce_p.bind(x, **params), dim
+
+
+def _reference_lowering(ctx, x, *, axes, node_size, impl, algo):
+    size = math.prod(lax.axis_size(a) for a in axes)
+    layout = _schedule.make_layout(size, node_size)
+    fun = functools.partial(_reference.allreduce, axes=axes, layout=layout)
+    return mlir.lower_fun(fun, multiple_results=False)(ctx, x)
+
+
+def _concrete_mesh(axis_context):
+    mesh = getattr(axis_context, "mesh", None)
+    if mesh is None or not hasattr(mesh, "devices"):
+        raise ValueError(
+            "backend='nvshmem' needs the concrete device mesh at lowering "
+            "time: pass a jax.sharding.Mesh (not an AbstractMesh) to "
+            "jax.shard_map, or set one with jax.set_mesh")
+    return mesh
+
+
+def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
+    axis_context = ctx.module_context.axis_context
+    mesh = _concrete_mesh(axis_context)
+    devices = mesh.devices.flat
+    groups = tuple(tuple(devices[i].process_index for i in group)
+                   for group in pxla.axis_groups(axis_context, axes))
+    slot = _runtime.slot_for(groups)
+    return jax.ffi.ffi_lowering(_FFI_TARGET)(
+        ctx, x,
+        groups=np.asarray(groups, dtype=np.int64).reshape(-1),
+        group_size=np.int64(len(groups[0])),
+        node_size=np.int64(node_size),
+        slot=np.int64(slot),
+        algo=np.int64(_runtime.algo_code(algo)))
+
+
+def _lowering(ctx, x, *, impl, **params):
+    if impl == "reference":
+        return _reference_lowering(ctx, x, impl=impl, **params)
+    raise ValueError(
+        f"backend={impl!r} has no lowering for platform(s) "
+        f"{ctx.module_context.platforms}; the kernel runs on CUDA GPUs only")
+
+
+def _cuda_lowering(ctx, x, *, impl, **params):
+    if impl == "nvshmem":
+        return _nvshmem_lowering(ctx, x, impl=impl, **params)
+    return _lowering(ctx, x, impl=impl, **params)
+
+
+allreduce_p = core.Primitive("nvrar_allreduce")
+allreduce_p.def_effectful_abstract_eval(_abstract_eval)
+ad.deflinear2(allreduce_p, _transpose)
+batching.primitive_batchers[allreduce_p] = _batch
+mlir.register_lowering(allreduce_p, _lowering)
+mlir.register_lowering(allreduce_p, _cuda_lowering, platform="cuda")
+
+
+def _normalize_axes(axis_name) -> tuple:
+    axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (
+        axis_name,)
+    if not axes:
+        raise ValueError("axis_name must name at least one axis")
+    for name in axes:
+        try:
+            lax.axis_size(name)
+        except NameError:
+            raise NameError(
+                f"axis name {name!r} is not bound: call jax_nvrar.psum "
+                "inside jax.shard_map (or another transformation) that maps "
+                "an axis of that name") from None
+    return axes
+
+
+def _resolve_backend(backend: str | None) -> str:
+    if backend is None:
+        return _config.get_choice("JAX_NVRAR_BACKEND", _config.BACKENDS)
+    if backend not in _config.BACKENDS:
+        raise ValueError(
+            f"unknown backend {backend!r}; choose one of "
+            f"{', '.join(map(repr, _config.BACKENDS))}")
+    return backend
+
+
+def _resolve_node_size(node_size: int | None, axis_size: int) -> int:
+    if node_size is None:
+        node_size = _config.get_int("JAX_NVRAR_NODE_SIZE", minimum=1)
+    if node_size is None:
+        physical = _runtime.node_size()
+        node_size = math.gcd(physical, axis_size) if physical else axis_size
+    return _schedule.make_layout(axis_size, node_size).node_size
+
+
+def _mesh_axes() -> frozenset:
+    """Axis names of the enclosing shard_map mesh (not vmap's names)."""
+    return frozenset(jax.sharding.get_abstract_mesh().axis_names)
+
+
+def _check_leaf(leaf):
+    dtype = jnp.result_type(leaf)
+    if not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
+        raise TypeError(
+            f"jax_nvrar.psum sums numeric arrays; got dtype {dtype}")
+    return dtype
+
+
+def _choose(backend: str, dtype, nbytes: int, axes: tuple) -> str:
+    """The backend one leaf runs on. Trace-time only."""
+    on_mesh = set(axes) <= _mesh_axes()
+    if backend == "nvshmem":
+        _runtime.require()
+        if np.dtype(dtype) not in KERNEL_DTYPES:
+            raise TypeError(
+                f"backend='nvshmem' sums float32, bfloat16 and float16; got "
+                f"{dtype}. Use backend='auto' or 'xla' for other dtypes")
+        if not on_mesh:
+            raise ValueError(
+                f"backend='nvshmem' reduces over shard_map mesh axes; {axes} "
+                "includes an axis of another transformation (e.g. vmap). "
+                "Use backend='xla'")
+        return "nvshmem"
+    if backend == "reference" and not on_mesh:
+        return "xla"  # a vmap axis: no devices to permute between
+    if backend != "auto":
+        return backend
+    limit = _config.get_int("JAX_NVRAR_AUTO_MAX_MB") << 20
+    if (_runtime.is_available() and on_mesh and nbytes <= limit
+            and np.dtype(dtype) in KERNEL_DTYPES):
+        return "nvshmem"
+    return "xla"
+
+
+def _bind(leaf, axes, node_size, impl, algo):
+    if jax_config._check_vma.value:
+        missing = tuple(a for a in axes if a not in core.typeof(leaf).mat.varying)
+        if missing:  # psum of an invariant value: sum of axis_size copies
+            leaf = lax.pcast(leaf, missing, to="varying")
+    if impl != "nvshmem":
+        return allreduce_p.bind(leaf, axes=axes, node_size=node_size,
+                                impl=impl, algo=algo)
+    # A message larger than a workspace slot is reduced in pieces.
+    piece = _runtime.require().slot_bytes // 8 // leaf.dtype.itemsize
+    flat = leaf.reshape(-1)
+    if flat.size <= piece:
+        return allreduce_p.bind(leaf, axes=axes, node_size=node_size,
+                                impl=impl, algo=algo)
+    parts = [allreduce_p.bind(flat[i:i + piece], axes=axes,
+                              node_size=node_size, impl=impl, algo=algo)
+             for i in range(0, flat.size, piece)]
+    return jnp.concatenate(parts).reshape(leaf.shape)
+
+
+def psum(x, axis_name, *, backend: str | None = None,
+         node_size: int | None = None):
+    """Compute an all-reduce sum on ``x`` over the mapped axis ``axis_name``.
+
+    A drop-in for :func:`jax.lax.psum` inside :func:`jax.shard_map`: same
+    arguments, same result, same output type (also under ``check_vma=True``),
+    differentiable and batchable like psum. On GPUs it runs the NVRAR
+    hierarchical all-reduce on NVSHMEM: reduce-scatter inside each node,
+    recursive doubling across nodes, all-gather inside each node.
+
+    If ``x`` is a pytree then the result is equivalent to mapping this
+    function to each leaf in the tree.
+
+    Args:
+      x: array(s) with a mapped axis named ``axis_name``. float32, bfloat16
+        and float16 run on the kernel; other numeric dtypes (and booleans,
+        summed as int32) on XLA.
+      axis_name: name of the mapped axis to reduce over, or a tuple of names.
+      backend: ``"auto"`` (the kernel where it is initialised and fastest for
+        the message size, else XLA), ``"xla"`` (:func:`jax.lax.psum`),
+        ``"reference"`` (the NVRAR schedule from ``lax.ppermute``, any
+        platform) or ``"nvshmem"`` (the kernel; an error where it is not
+        available). None takes ``$JAX_NVRAR_BACKEND``, default ``"auto"``.
+      node_size: how many consecutive devices of the reduced axis form a
+        node. None takes ``$JAX_NVRAR_NODE_SIZE``, else the GPUs per host
+        known to the runtime, else the whole axis. Smaller values make
+        virtual nodes (4 GPUs of one host as 2 nodes x 2).
+
+    Returns:
+      Array(s) with the same shape as ``x`` holding the sum over
+      ``axis_name``.
+
+    Example:
+      With 4 devices:
+
+      >>> mesh = jax.make_mesh((4,), ('tp',))
+      >>> f = jax.shard_map(lambda x: jax_nvrar.psum(x, 'tp'), mesh=mesh,
+      ...                   in_specs=P('tp'), out_specs=P())
+      >>> print(f(jnp.arange(4.0)))
+      [6.]
+    """
+    backend = _resolve_backend(backend)
+    axes = _normalize_axes(axis_name)
+    axis_size = math.prod(lax.axis_size(a) for a in axes)
+    node_size = _resolve_node_size(node_size, axis_size)
+    algo = _config.get_choice("JAX_NVRAR_ALGO", _config.ALGOS)
+
+    def one(leaf):
+        dtype = _check_leaf(leaf)
+        if dtype == np.bool_:
+            leaf, dtype = jnp.asarray(leaf, np.int32), np.dtype(np.int32)
+        nbytes = math.prod(np.shape(leaf)) * dtype.itemsize
+        impl = _choose(backend, dtype, nbytes, axes)
+        if (impl == "xla" or not isinstance(leaf, core.Tracer)
+                or nbytes == 0):
+            return lax.psum(leaf, axes)
+        return _bind(leaf, axes, node_size, impl, algo)
+
+    return jax.tree_util.tree_map(one, x)

@@ -1,0 +1,198 @@
+"""The NVSHMEM runtime behind backend="nvshmem": start, state, stop.
+
+One process drives one GPU and is one NVSHMEM PE, with PE number equal to
+``jax.process_index()``. Process 0 creates the NVSHMEM unique id and shares it
+through the key-value store of ``jax.distributed``; every process then hands
+it to the extension, which calls ``nvshmemx_init_attr`` itself (that is what
+registers the device state of the NVSHMEM device library linked into it) and
+allocates the symmetric workspace once.
+
+Memory. JAX preallocates most GPU memory when its GPU client starts, at the
+first JAX operation that touches a device. ``initialize()`` therefore runs
+before that: it selects the GPU through CUDA directly and never asks JAX for
+devices until NVSHMEM's symmetric heap exists. Called later, it still works
+while the heap fits in what JAX left free (lower
+XLA_PYTHON_CLIENT_MEM_FRACTION if it does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+
+from jax_nvrar import _config
+
+try:
+    from jax_nvrar import _C
+    _IMPORT_ERROR = None
+except ImportError as error:  # built without CUDA, or NVSHMEM not loadable
+    _C = None
+    _IMPORT_ERROR = error
+
+_UID_KEY = "jax_nvrar/nvshmem_unique_id"
+_ALGO_CODES = {"auto": 0, "oneshot": 1, "twoshot": 2}
+
+
+@dataclasses.dataclass
+class _State:
+    pe: int
+    n_pes: int
+    node_pes: tuple[int, ...]
+    slot_bytes: int
+    slots: dict  # group layout (tuple of tuples of PEs) -> slot index
+    max_slots: int
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+class _Runtime:
+    """Holds the single runtime of this process (NVSHMEM allows one)."""
+
+    state: _State | None = None
+
+
+def extension_error() -> str | None:
+    """Why the CUDA extension is unavailable, or None when it is built."""
+    if _C is None:
+        return f"the CUDA extension jax_nvrar._C is not built ({_IMPORT_ERROR})"
+    return None
+
+
+def is_available() -> bool:
+    """True when backend="nvshmem" can run: extension built, runtime started."""
+    return _Runtime.state is not None
+
+
+def require() -> _State:
+    state = _Runtime.state
+    if state is None:
+        reason = extension_error() or "jax_nvrar.initialize() was not called"
+        raise RuntimeError(
+            f"backend='nvshmem' is unavailable: {reason}. Build the extension "
+            "(pip install with nvcc and nvidia-nvshmem-cu13 present), call "
+            "jax_nvrar.initialize() after jax.distributed.initialize(), or "
+            "use backend='auto', 'xla' or 'reference'.")
+    return state
+
+
+def _local_gpu() -> int:
+    """The CUDA ordinal this process drives, without starting JAX's client."""
+    import jax
+
+    visible = jax.config.jax_cuda_visible_devices
+    if visible and visible != "all" and "," not in visible:
+        return int(visible)
+    for name in ("JAX_NVRAR_LOCAL_RANK", "LOCAL_RANK", "SLURM_LOCALID",
+                 "OMPI_COMM_WORLD_LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return _distributed_state().process_id % max(_C.device_count(), 1)
+
+
+def _distributed_state():
+    """jax.distributed's state. jax.process_index() would start the GPU
+    client (and its preallocation), so it is not used before NVSHMEM runs."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    if state.client is None:
+        raise RuntimeError(
+            "jax_nvrar.initialize() needs jax.distributed.initialize() first "
+            "(or start the program with python -m jax_nvrar.launch)")
+    return state
+
+
+def _share_unique_id(client, process_id: int, timeout_ms: int) -> bytes:
+    if process_id == 0:
+        uid = _C.get_unique_id()
+        client.key_value_set_bytes(_UID_KEY, uid)
+        return uid
+    return client.blocking_key_value_get_bytes(_UID_KEY, timeout_ms)
+
+
+def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
+               timeout_s: float | None = None) -> None:
+    """Starts NVSHMEM for this process and allocates the symmetric workspace.
+
+    Call after ``jax.distributed.initialize()`` (the launcher does that) and
+    before the first JAX operation, once per process. One process per GPU.
+
+    Args:
+      workspace_mb: symmetric workspace per communicator slot in MiB
+        (default ``$JAX_NVRAR_WORKSPACE_MB``, 64). A message larger than a
+        slot holds is reduced in pieces.
+      slots: how many distinct reduction-group layouts may be used
+        (default ``$JAX_NVRAR_SLOTS``, 4).
+      timeout_s: seconds before a kernel spin-wait reports and traps
+        (default ``$JAX_NVRAR_TIMEOUT_S``, 20).
+    """
+    if _Runtime.state is not None:
+        raise RuntimeError("jax_nvrar.initialize() was already called")
+    if _C is None:
+        raise RuntimeError(extension_error())
+    import jax
+
+    workspace_mb = workspace_mb or _config.get_int(
+        "JAX_NVRAR_WORKSPACE_MB", minimum=1)
+    slots = slots or _config.get_int("JAX_NVRAR_SLOTS", minimum=1)
+    timeout_s = timeout_s or float(_config.get("JAX_NVRAR_TIMEOUT_S"))
+    if workspace_mb < 1 or slots < 1 or timeout_s <= 0:
+        raise ValueError(
+            f"need workspace_mb >= 1, slots >= 1, timeout_s > 0; got "
+            f"{workspace_mb}, {slots}, {timeout_s}")
+    dist = _distributed_state()
+    process_id, n_processes = dist.process_id, dist.num_processes
+    uid = _share_unique_id(dist.client, process_id,
+                           timeout_ms=int(1000 * max(60, timeout_s)))
+    slot_bytes = workspace_mb << 20
+    _C.init(uid, process_id, n_processes, _local_gpu(), slot_bytes, slots,
+            timeout_s)
+    _Runtime.state = _State(
+        pe=_C.my_pe(), n_pes=_C.n_pes(), node_pes=tuple(_C.node_pes()),
+        slot_bytes=slot_bytes, slots={}, max_slots=slots)
+    for name, capsule in _C.ffi_targets().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    if len(jax.local_devices()) != 1:
+        finalize()
+        raise RuntimeError(
+            f"backend='nvshmem' needs exactly one GPU per process; this "
+            f"process has {len(jax.local_devices())}. Start one process per "
+            "GPU (python -m jax_nvrar.launch does).")
+
+
+def finalize() -> None:
+    """Frees the workspace and stops NVSHMEM; initialize() may run again."""
+    if _Runtime.state is None:
+        return
+    _Runtime.state = None
+    _C.finalize()
+
+
+def node_size() -> int | None:
+    """PEs on this process's physical node, or None before initialize()."""
+    state = _Runtime.state
+    return None if state is None else len(state.node_pes)
+
+
+def slot_for(groups: tuple[tuple[int, ...], ...]) -> int:
+    """The workspace slot of a reduction-group layout.
+
+    Every process lowers the same programs in the same order (SPMD), so
+    assigning slots in order of first use gives every PE the same slot for
+    the same layout. Layouts of one slot are disjoint groups of PEs, so each
+    group's sequence numbers advance only with its own calls.
+    """
+    state = require()
+    with state.lock:
+        if groups not in state.slots:
+            if len(state.slots) == state.max_slots:
+                raise RuntimeError(
+                    f"jax_nvrar uses {state.max_slots} reduction-group "
+                    "layouts already (each distinct set of reduced mesh axes "
+                    "is one); raise JAX_NVRAR_SLOTS or slots= in initialize()")
+            state.slots[groups] = len(state.slots)
+        return state.slots[groups]
+
+
+def algo_code(algo: str) -> int:
+    return _ALGO_CODES[algo]
