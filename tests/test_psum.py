@@ -1,0 +1,363 @@
+"""jax_nvrar.psum against lax.psum on 8 simulated CPU devices."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_nvrar
+
+BACKENDS = ["xla", "reference", "auto"]
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+POISON = -12345
+
+
+def mesh_of(shape, names):
+    devices = np.array(jax.devices()[:math.prod(shape)]).reshape(shape)
+    return jax.sharding.Mesh(devices, names)
+
+
+def reduce_with(psum_fn, mesh, spec, x, *, check_vma=True, out_spec=P()):
+    """jit(shard_map(psum_fn)) on x laid out as ``spec`` over ``mesh``."""
+    x = jax.device_put(x, NamedSharding(mesh, spec))
+    f = jax.shard_map(psum_fn, mesh=mesh, in_specs=spec, out_specs=out_spec,
+                      check_vma=check_vma)
+    return jax.jit(f)(x)
+
+
+def integer_valued(shape, dtype, seed=0):
+    # |sum of 8 values| <= 128: exact in every dtype, bf16 included.
+    values = np.random.default_rng(seed).integers(-16, 17, shape)
+    values[values == 0] = 3  # never zeros: they hide unwritten outputs
+    return jnp.asarray(values, dtype)
+
+
+def assert_same(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got, np.float64),
+                                  np.asarray(want, np.float64))
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("node_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_valued_matches_lax_psum(dtype, backend, node_size, check_vma):
+    mesh = mesh_of((8,), ("tp",))
+    x = integer_valued((8, 37), dtype)
+    ours = reduce_with(
+        lambda v: jax_nvrar.psum(v, "tp", backend=backend,
+                                 node_size=node_size),
+        mesh, P("tp"), x, check_vma=check_vma)
+    want = reduce_with(lambda v: lax.psum(v, "tp"), mesh, P("tp"), x,
+                       check_vma=check_vma)
+    assert_same(ours, want)
+    assert not np.any(np.asarray(ours, np.float64) == POISON)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_three_nodes_of_two(dtype, backend):
+    mesh = mesh_of((6,), ("tp",))
+    x = integer_valued((6, 11, 3), dtype, seed=1)
+    ours = reduce_with(
+        lambda v: jax_nvrar.psum(v, "tp", backend=backend, node_size=2),
+        mesh, P("tp"), x)
+    assert_same(ours, reduce_with(lambda v: lax.psum(v, "tp"), mesh,
+                                  P("tp"), x))
+
+
+@pytest.mark.parametrize("node_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_floats_within_rounding(dtype, node_size):
+    mesh = mesh_of((8,), ("tp",))
+    x = jax.random.normal(jax.random.key(node_size), (8, 1000), dtype)
+    ours = reduce_with(
+        lambda v: jax_nvrar.psum(v, "tp", backend="reference",
+                                 node_size=node_size),
+        mesh, P("tp"), x)
+    parts = np.asarray(x, np.float64).reshape(8, 1, 1000)
+    exact, magnitude = parts.sum(0), np.abs(parts).sum(0)
+    eps = float(jnp.finfo(dtype).eps)
+    # Rounding of the node partial, of each doubling step and of the result.
+    bound = (2 + math.log2(8)) * eps * magnitude
+    err = np.abs(np.asarray(ours, np.float64) - exact)
+    assert np.all(err <= bound), float((err / magnitude).max())
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bitwise_identical_on_every_device(backend):
+    mesh = mesh_of((8,), ("tp",))
+    x = jax.random.normal(jax.random.key(7), (8, 513), jnp.bfloat16)
+    stacked = reduce_with(
+        lambda v: jax_nvrar.psum(v, "tp", backend=backend, node_size=2),
+        mesh, P("tp"), x, check_vma=False, out_spec=P("tp"))
+    rows = np.asarray(stacked).view(np.uint16)
+    assert (rows == rows[:1]).all()
+
+
+@pytest.mark.parametrize("shape", [(8,), (8, 1), (8, 7), (8, 3, 5, 2),
+                                   (8, 1001)])
+def test_odd_shapes(shape):
+    mesh = mesh_of((8,), ("tp",))
+    x = integer_valued(shape, jnp.bfloat16, seed=2)
+    ours = reduce_with(
+        lambda v: jax_nvrar.psum(v, "tp", backend="reference", node_size=4),
+        mesh, P("tp"), x)
+    assert_same(ours, reduce_with(lambda v: lax.psum(v, "tp"), mesh,
+                                  P("tp"), x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_dimensional(backend):
+    mesh = mesh_of((8,), ("tp",))
+    x = integer_valued((8,), jnp.float32, seed=3)
+
+    def body(v):
+        scalar = v.reshape(())
+        out = jax_nvrar.psum(scalar, "tp", backend=backend, node_size=2)
+        assert out.shape == ()
+        return out[None]
+
+    ours = reduce_with(body, mesh, P("tp"), x)
+    assert float(ours[0]) == float(np.asarray(x).sum())
+
+
+def test_empty_array():
+    mesh = mesh_of((8,), ("tp",))
+    x = jnp.ones((8, 0), jnp.float32)
+    ours = reduce_with(lambda v: jax_nvrar.psum(v, "tp", backend="reference"),
+                       mesh, P("tp"), x)
+    assert ours.shape == (1, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pytree_of_mixed_dtypes(backend):
+    mesh = mesh_of((8,), ("tp",))
+    tree = {"a": integer_valued((8, 5), jnp.float32),
+            "b": (integer_valued((8, 3, 3), jnp.bfloat16, 1),
+                  integer_valued((8, 2), jnp.int32, 2)),
+            "c": jnp.asarray(np.arange(8) % 2 == 0)}
+    specs = jax.tree_util.tree_map(lambda _: P("tp"), tree)
+    tree = jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, NamedSharding(mesh, P("tp"))), tree)
+
+    def run(fn):
+        out_specs = jax.tree_util.tree_map(lambda _: P(), tree)
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(specs,),
+                                     out_specs=out_specs))(tree)
+
+    ours = run(lambda t: jax_nvrar.psum(t, "tp", backend=backend,
+                                        node_size=4))
+    want = run(lambda t: lax.psum(t, "tp"))
+    jax.tree_util.tree_map(assert_same, ours, want)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("axes", ["tp", "dp", ("dp", "tp")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_axis_mesh(backend, axes, check_vma):
+    mesh = mesh_of((2, 4), ("dp", "tp"))
+    x = integer_valued((2, 4, 19), jnp.bfloat16, seed=4)
+    spec = P("dp", "tp")
+    out_spec = P(*[None if a in np.atleast_1d(axes) else a
+                   for a in ("dp", "tp")])
+    ours = reduce_with(
+        lambda v: jax_nvrar.psum(v, axes, backend=backend, node_size=2),
+        mesh, spec, x, check_vma=check_vma, out_spec=out_spec)
+    want = reduce_with(lambda v: lax.psum(v, axes), mesh, spec, x,
+                       check_vma=check_vma, out_spec=out_spec)
+    assert_same(ours, want)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_invariant_input_is_summed_like_psum(check_vma):
+    # psum of a value that does not vary over the axis is axis_size * value.
+    mesh = mesh_of((8,), ("tp",))
+    x = integer_valued((4,), jnp.float32, seed=5)
+    ours = reduce_with(
+        lambda v: jax_nvrar.psum(v, "tp", backend="reference", node_size=2),
+        mesh, P(), x, check_vma=check_vma)
+    np.testing.assert_array_equal(ours, 8 * np.asarray(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inside_scan_and_fori_loop(backend):
+    mesh = mesh_of((8,), ("tp",))
+    x = integer_valued((8, 6), jnp.float32, seed=6)
+
+    def bounded(total):
+        # Integer-valued, small, and varying again so the carry keeps its type.
+        return total % 64 - 32 + lax.axis_index("tp")
+
+    def body(fn):
+        def per_device(v):
+            def step(carry, _):
+                return bounded(fn(carry)), None
+            out, _ = lax.scan(step, v, None, length=5)
+            return lax.fori_loop(0, 3, lambda i, c: bounded(fn(c)), out)
+        return per_device
+
+    ours = reduce_with(
+        body(lambda c: jax_nvrar.psum(c, "tp", backend=backend,
+                                      node_size=2)),
+        mesh, P("tp"), x, out_spec=P("tp"))
+    want = reduce_with(body(lambda c: lax.psum(c, "tp")), mesh, P("tp"), x,
+                       out_spec=P("tp"))
+    assert_same(ours, want)
+
+
+def test_jit_does_not_retrace():
+    mesh = mesh_of((8,), ("tp",))
+    traces = []
+
+    def per_device(v):
+        traces.append(1)
+        return jax_nvrar.psum(v, "tp", backend="reference", node_size=2)
+
+    f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("tp"),
+                              out_specs=P()))
+    sharding = NamedSharding(mesh, P("tp"))
+    for seed in range(4):
+        f(jax.device_put(integer_valued((8, 9), jnp.float32, seed), sharding))
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_grad_matches_lax_psum(check_vma):
+    mesh = mesh_of((8,), ("tp",))
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (8, 5)),
+                       NamedSharding(mesh, P("tp")))
+    w = jnp.arange(5.0) + 1
+
+    def loss(fn):
+        f = jax.shard_map(lambda v: fn(jnp.sin(v)) * w, mesh=mesh,
+                          in_specs=P("tp"), out_specs=P(),
+                          check_vma=check_vma)
+        return jax.jit(jax.grad(lambda v: f(v).sum()))
+
+    ours = loss(lambda v: jax_nvrar.psum(v, "tp", backend="reference",
+                                         node_size=2))(x)
+    want = loss(lambda v: lax.psum(v, "tp"))(x)
+    np.testing.assert_allclose(ours, want, rtol=1e-6)
+
+
+def test_vmap_inside_shard_map():
+    mesh = mesh_of((8,), ("tp",))
+    x = integer_valued((8, 3, 4), jnp.float32, seed=8)
+
+    def run(fn):
+        return reduce_with(lambda v: jax.vmap(fn)(v), mesh, P("tp"), x)
+
+    ours = run(lambda r: jax_nvrar.psum(r, "tp", backend="reference",
+                                        node_size=4))
+    assert_same(ours, run(lambda r: lax.psum(r, "tp")))
+
+
+def test_reduction_over_a_vmap_axis_name():
+    x = jnp.arange(12.0).reshape(3, 4)
+    ours = jax.vmap(lambda r: jax_nvrar.psum(r, "i", backend="reference"),
+                    axis_name="i")(x)
+    np.testing.assert_array_equal(ours, jnp.broadcast_to(x.sum(0), (3, 4)))
+
+
+def test_default_backend_from_environment(monkeypatch):
+    # Variables are read at trace time; trace() builds a new function each
+    # time, so nothing comes from JAX's trace cache.
+    monkeypatch.setenv("JAX_NVRAR_BACKEND", "reference")
+    assert "nvrar_allreduce" in str(trace(lambda v: jax_nvrar.psum(v, "tp")))
+    monkeypatch.setenv("JAX_NVRAR_BACKEND", "xla")
+    assert "nvrar_allreduce" not in str(
+        trace(lambda v: jax_nvrar.psum(v, "tp")))
+    monkeypatch.setenv("JAX_NVRAR_BACKEND", "fast")
+    with pytest.raises(ValueError, match="JAX_NVRAR_BACKEND='fast'"):
+        trace(lambda v: jax_nvrar.psum(v, "tp"))
+
+
+def test_auto_uses_xla_without_the_kernel():
+    assert not jax_nvrar.is_available()
+    mesh = mesh_of((8,), ("tp",))
+    x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("tp")))
+    f = jax.shard_map(lambda v: jax_nvrar.psum(v, "tp", backend="auto"),
+                      mesh=mesh, in_specs=P("tp"), out_specs=P())
+    jaxpr = str(jax.make_jaxpr(f)(x))
+    assert "psum" in jaxpr and "nvrar_allreduce" not in jaxpr
+
+
+def test_node_size_from_environment(monkeypatch):
+    def reference(v):
+        return jax_nvrar.psum(v, "tp", backend="reference")
+
+    monkeypatch.setenv("JAX_NVRAR_NODE_SIZE", "2")
+    assert "node_size=2" in str(trace(lambda v: reference(v)))
+    monkeypatch.setenv("JAX_NVRAR_NODE_SIZE", "3")
+    with pytest.raises(ValueError, match="node_size=3 does not divide"):
+        trace(lambda v: reference(v))
+    monkeypatch.setenv("JAX_NVRAR_NODE_SIZE", "two")
+    with pytest.raises(ValueError, match="JAX_NVRAR_NODE_SIZE='two'"):
+        trace(lambda v: reference(v))
+
+
+def trace(fn, x=None):
+    mesh = mesh_of((8,), ("tp",))
+    x = jnp.ones((8, 4)) if x is None else x
+    f = jax.shard_map(fn, mesh=mesh, in_specs=P("tp"), out_specs=P())
+    return jax.make_jaxpr(f)(jax.device_put(x, NamedSharding(mesh, P("tp"))))
+
+
+def test_error_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'nccl'"):
+        trace(lambda v: jax_nvrar.psum(v, "tp", backend="nccl"))
+
+
+def test_error_unbound_axis():
+    with pytest.raises(NameError, match="axis name 'model' is not bound"):
+        trace(lambda v: jax_nvrar.psum(v, "model"))
+    with pytest.raises(NameError, match="not bound"):
+        jax_nvrar.psum(jnp.ones(3), "tp")
+
+
+@pytest.mark.parametrize("node_size", [3, 0, 16])
+def test_error_bad_node_size(node_size):
+    with pytest.raises(ValueError, match="node_size"):
+        trace(lambda v: jax_nvrar.psum(v, "tp", backend="reference",
+                                       node_size=node_size))
+
+
+def test_error_non_numeric_dtype():
+    keys = jax.random.split(jax.random.key(0), 8)
+    mesh = mesh_of((8,), ("tp",))
+    f = jax.shard_map(lambda k: jax_nvrar.psum(k, "tp"), mesh=mesh,
+                      in_specs=P("tp"), out_specs=P())
+    with pytest.raises(TypeError, match="numeric"):
+        jax.make_jaxpr(f)(keys)
+
+
+def test_error_nvshmem_unavailable():
+    with pytest.raises(RuntimeError, match="backend='nvshmem' is unavailable"):
+        trace(lambda v: jax_nvrar.psum(v, "tp", backend="nvshmem"))
+
+
+def test_initialize_without_extension_or_distributed():
+    with pytest.raises(RuntimeError):
+        jax_nvrar.initialize()
+
+
+def test_negative_control_broken_unfold_is_caught(monkeypatch):
+    # Without the unfold step the folded-away node never gets the result:
+    # the comparison above must then fail, or it proves nothing.
+    from jax_nvrar import _schedule
+    monkeypatch.setattr(_schedule, "unfold_pairs", lambda layout: [])
+    mesh = mesh_of((6,), ("tp",))
+    x = integer_valued((6, 4), jnp.float32, seed=9)
+    stacked = reduce_with(
+        lambda v: jax_nvrar.psum(v, "tp", backend="reference", node_size=2),
+        mesh, P("tp"), x, check_vma=False, out_spec=P("tp"))
+    want = np.asarray(x).reshape(6, 1, 4).sum(0)
+    rows = np.asarray(stacked).reshape(6, 1, 4)
+    assert (rows[:4] == want).all() and not (rows[4:] == want).all()
