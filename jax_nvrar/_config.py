@@ -21,13 +21,16 @@ VARIABLES = {
     "JAX_NVRAR_ALGO": (
         "auto", "single-node kernel variant: auto, oneshot or twoshot"),
     "JAX_NVRAR_WORKSPACE_MB": (
-        "64", "symmetric workspace per communicator slot, in MiB"),
+        "128", "symmetric workspace per communicator slot, in MiB"),
     "JAX_NVRAR_SLOTS": (
         "4", "communicator slots: distinct reduction-group layouts "
              "(e.g. 'tp' and 'dp' of one mesh) a process can use"),
     "JAX_NVRAR_TIMEOUT_S": (
         "20", "seconds a kernel spin-wait may last before it reports the PE, "
               "phase and sequence number and traps"),
+    "JAX_NVRAR_FAULT_INJECT": (
+        "0", "testing only: 1 makes the kernel ignore its arrival flags, so "
+             "results must go wrong (the GPU suite's negative control)"),
     "JAX_NVRAR_AUTO_MAX_MB": (
         "16", "backend='auto' uses the kernel up to this message size (MiB) "
               "and XLA's psum above it"),

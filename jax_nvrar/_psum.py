@@ -87,7 +87,8 @@ def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
         group_size=np.int64(len(groups[0])),
         node_size=np.int64(node_size),
         slot=np.int64(slot),
-        algo=np.int64(_runtime.algo_code(algo)))
+        algo=np.int64(_runtime.algo_code(algo)),
+        fault=np.int64(_config.get_int("JAX_NVRAR_FAULT_INJECT") or 0))
 
 
 def _lowering(ctx, x, *, impl, **params):
@@ -194,8 +195,8 @@ def _bind(leaf, axes, node_size, impl, algo):
     if impl != "nvshmem":
         return allreduce_p.bind(leaf, axes=axes, node_size=node_size,
                                 impl=impl, algo=algo)
-    # A message larger than a workspace slot is reduced in pieces.
-    piece = _runtime.require().slot_bytes // 8 // leaf.dtype.itemsize
+    # A message larger than a workspace slot holds is reduced in pieces.
+    piece = _runtime.max_message_bytes(node_size) // leaf.dtype.itemsize
     flat = leaf.reshape(-1)
     if flat.size <= piece:
         return allreduce_p.bind(leaf, axes=axes, node_size=node_size,

@@ -119,7 +119,7 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
 
     Args:
       workspace_mb: symmetric workspace per communicator slot in MiB
-        (default ``$JAX_NVRAR_WORKSPACE_MB``, 64). A message larger than a
+        (default ``$JAX_NVRAR_WORKSPACE_MB``, 128). A message larger than a
         slot holds is reduced in pieces.
       slots: how many distinct reduction-group layouts may be used
         (default ``$JAX_NVRAR_SLOTS``, 4).
@@ -192,6 +192,13 @@ def slot_for(groups: tuple[tuple[int, ...], ...]) -> int:
                     "is one); raise JAX_NVRAR_SLOTS or slots= in initialize()")
             state.slots[groups] = len(state.slots)
         return state.slots[groups]
+
+
+def max_message_bytes(node_size: int) -> int:
+    """Largest message one kernel launch reduces with this node size."""
+    state = require()
+    return _C.max_message_bytes(state.slot_bytes, node_size,
+                                max(1, state.n_pes // node_size))
 
 
 def algo_code(algo: str) -> int:

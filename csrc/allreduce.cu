@@ -1,0 +1,659 @@
+// NVRAR all-reduce on NVSHMEM symmetric memory, as an XLA FFI custom call.
+//
+// Protocol
+// --------
+// Group. A reduction group of n = N * G PEs: N nodes of G PEs each (member m
+// is local rank m % G of node m / G; jax_nvrar/_schedule.py is the same
+// description in Python). The group table comes from the mesh at lowering
+// time; the FFI attributes carry the whole partition and each PE finds its
+// own group in it.
+//
+// Buffers. Each PE owns one symmetric workspace slot per group layout (see
+// runtime.h): two LL receive regions A and B, and for the inter-node phase a
+// receive region and a stage region, every region split by parity. Only the
+// owner reads its receive regions; peers write them: LL regions through
+// nvshmem_ptr() stores over NVLink, inter-node regions through NVSHMEM puts.
+//
+// Packets. Intra-node data travel as LL lines of 16 bytes written with one
+// 16-byte store: {data0, flag, data1, flag}, 8 payload bytes, flag = the
+// call's sequence number. Each 8-byte half is written atomically, so a reader
+// that sees both flags equal to the sequence number has the data: no separate
+// signal, no fence, no barrier. 16-byte lines (NCCL's LL layout) were chosen
+// over the paper's 8-byte {4 B data, 4 B flag} packets because they move
+// twice the payload per store instruction at the same 50% efficiency.
+//
+// Inter-node data travel as nvshmemx_putmem_signal_nbi_block: payload then a
+// 64-bit signal set to the sequence number, one signal per (step, block), so
+// the path works over any NVSHMEM transport (NVLink P2P, InfiniBand,
+// Slingshot via libfabric), not only where peers are load/store reachable.
+//
+// Sequence numbers. header->seq holds the number of the last completed call
+// of this slot; a call uses seq + 1 and its last block to finish writes it
+// back. It lives in device memory and only kernels advance it, so replaying a
+// captured CUDA graph stays correct and buffers are never reset. Flags from
+// older calls never equal the current number, so stale lines are ignored.
+//
+// Buffering. A call uses the regions of parity seq & 1. A PE can only be one
+// call ahead of any peer it exchanges with: finishing call k needs data every
+// peer produced in call k, which a peer sends only after its call k - 1
+// completed on its stream. So when a PE writes call k + 2 into the parity of
+// call k, every reader of that parity is done with call k.
+//
+// Phases (one launch; no host synchronisation, no NVSHMEM collectives):
+//   one-shot  (N = 1, small): every PE stores its whole input into every
+//             peer's region A; each PE sums the G copies.
+//   two-shot  (N = 1): reduce-scatter through region A (chunk j goes to local
+//             rank j), all-gather of the reduced chunks through region B.
+//   hierarchical (N > 1): reduce-scatter as two-shot; then recursive doubling
+//             between equal local ranks of the N nodes on the chunk, each
+//             block on its own slice of the chunk, non-power-of-two N folded
+//             into partners first and unfolded last; then all-gather.
+//
+// Arithmetic. Half types accumulate in float32. The G sources of a chunk are
+// added in local-rank order, starting from source 0 (not from 0.0, which
+// would turn -0 into +0), and rounded once; an inter-node step rounds a + b
+// (commutative, so both partners get the same bits). Every PE therefore gets
+// bitwise-identical results, equal to the reference backend's.
+//
+// Failure. Every spin-wait has a timeout (jax_nvrar.initialize's timeout_s):
+// it prints the PE, block, phase and sequence number and traps.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "runtime.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_nvrar {
+namespace {
+
+// ----------------------------------------------------------------- constants
+
+constexpr int kMaxLocal = 8;      // PEs per node
+constexpr int kMaxSteps = 8;      // inter-node regions: fold, 6 doublings, unfold
+constexpr int kFoldStep = 0;      // region index of the fold
+constexpr int kUnfoldStep = kMaxSteps - 1;
+constexpr int kMaxBlocks = 128;
+constexpr int kThreads = 512;
+constexpr size_t kHeaderBytes = 64 << 10;
+constexpr int64_t kPayload = 8;   // bytes of data in one 16-byte LL line
+
+enum Algo : int { kAuto = 0, kOneShot = 1, kTwoShot = 2 };
+enum Role : int { kPlain = 0, kFoldReceiver = 1, kFoldSender = 2 };
+enum Phase : int { kOneShotPhase, kReduceScatter, kAllGather, kInterNode };
+
+struct Header {
+  uint32_t seq;          // sequence number of the last completed call
+  uint32_t blocks_done;  // blocks of the running call that have finished
+  uint32_t reserved[30];
+  uint64_t signals[2][kMaxSteps][kMaxBlocks];  // inter-node arrivals
+};
+static_assert(sizeof(Header) <= kHeaderBytes, "header does not fit");
+
+// Everything a launch needs, passed by value (captured into CUDA graphs).
+struct Params {
+  const char* in;
+  char* out;
+  int64_t nbytes;
+  int64_t packets;        // ceil(nbytes / kPayload)
+  int64_t chunk;          // packets per local rank (two-shot, hierarchical)
+  int64_t ll_packets;     // packets per parity of one LL region
+  int64_t inter_bytes;    // bytes per (parity, step) of an inter-node region
+  uint4* ll_a[kMaxLocal]; // region A of every local peer (parity 0)
+  uint4* ll_b[kMaxLocal]; // region B of every local peer (parity 0)
+  char* recv;             // this PE's inter-node receive region (symmetric)
+  char* stage;            // this PE's inter-node stage region (symmetric)
+  Header* header;         // this PE's slot header (symmetric)
+  int algo;
+  int node_size;
+  int local_rank;
+  int role;               // fold role of this PE's node
+  int fold_pe;
+  int steps;              // recursive-doubling steps
+  int step_pe[kMaxSteps];
+  int pe;
+  int fault;              // testing only: 1 = ignore LL flags (must fail)
+  int64_t timeout_ns;
+};
+
+// ----------------------------------------------------------- device helpers
+
+__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+__device__ __forceinline__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __noinline__ void report_timeout(const Params& p, Phase phase,
+                                            uint32_t seq, int64_t index) {
+  const char* names[] = {"one-shot", "reduce-scatter", "all-gather",
+                         "inter-node"};
+  printf("jax_nvrar: PE %d block %d timed out after %lld ns in phase %s "
+         "waiting for sequence number %u (index %lld): a peer PE is missing, "
+         "stalled or running a different program\n",
+         p.pe, blockIdx.x, (long long)p.timeout_ns, names[phase], seq,
+         (long long)index);
+  __trap();
+}
+
+__device__ __forceinline__ void store_line(uint4* dst, uint2 data,
+                                           uint32_t flag) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst),
+               "r"(data.x), "r"(flag), "r"(data.y), "r"(flag)
+               : "memory");
+}
+
+__device__ __forceinline__ uint4 load_line(const uint4* src) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(src)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint2 wait_line(const uint4* src, uint32_t seq,
+                                           const Params& p, Phase phase,
+                                           int64_t index) {
+  uint4 v = load_line(src);
+  if ((v.y == seq && v.w == seq) || p.fault) return make_uint2(v.x, v.z);
+  const uint64_t start = now_ns();
+  do {
+    v = load_line(src);
+    if (now_ns() - start > (uint64_t)p.timeout_ns)
+      report_timeout(p, phase, seq, index);
+  } while (v.y != seq || v.w != seq);
+  return make_uint2(v.x, v.z);
+}
+
+__device__ __forceinline__ void wait_signal(const uint64_t* sig, uint32_t seq,
+                                            const Params& p, int64_t index) {
+  const uint64_t start = now_ns();
+  uint64_t v;
+  while (true) {
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];"
+                 : "=l"(v)
+                 : "l"(sig)
+                 : "memory");
+    if (v == seq) return;
+    if (now_ns() - start > (uint64_t)p.timeout_ns)
+      report_timeout(p, kInterNode, seq, index);
+  }
+}
+
+// 8 payload bytes as float32 values, and back.
+template <typename T>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  static constexpr int n = 2;
+  __device__ static void unpack(uint2 v, float (&f)[n]) {
+    f[0] = __uint_as_float(v.x);
+    f[1] = __uint_as_float(v.y);
+  }
+  __device__ static uint2 pack(const float (&f)[n]) {
+    return make_uint2(__float_as_uint(f[0]), __float_as_uint(f[1]));
+  }
+};
+
+template <typename H, typename H2, float2 (*ToFloat2)(H2),
+          H2 (*FromFloat2)(float2)>
+struct HalfLanes {
+  static constexpr int n = 4;
+  __device__ static void unpack(uint2 v, float (&f)[n]) {
+    float2 lo = ToFloat2(*reinterpret_cast<H2*>(&v.x));
+    float2 hi = ToFloat2(*reinterpret_cast<H2*>(&v.y));
+    f[0] = lo.x, f[1] = lo.y, f[2] = hi.x, f[3] = hi.y;
+  }
+  __device__ static uint2 pack(const float (&f)[n]) {
+    H2 lo = FromFloat2(make_float2(f[0], f[1]));
+    H2 hi = FromFloat2(make_float2(f[2], f[3]));
+    return make_uint2(*reinterpret_cast<uint32_t*>(&lo),
+                      *reinterpret_cast<uint32_t*>(&hi));
+  }
+};
+
+__device__ float2 bf162_to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __nv_bfloat162 float2_to_bf162(float2 v) { return __float22bfloat162_rn(v); }
+__device__ float2 half2_to_float2(__half2 v) { return __half22float2(v); }
+__device__ __half2 float2_to_half2(float2 v) { return __float22half2_rn(v); }
+
+template <>
+struct Lanes<__nv_bfloat16>
+    : HalfLanes<__nv_bfloat16, __nv_bfloat162, bf162_to_float2,
+                float2_to_bf162> {};
+template <>
+struct Lanes<__half>
+    : HalfLanes<__half, __half2, half2_to_float2, float2_to_half2> {};
+
+// Rounds a + b in float32 (commutative: both partners get the same bits).
+template <typename T>
+__device__ __forceinline__ uint2 add_packets(uint2 a, uint2 b) {
+  float fa[Lanes<T>::n], fb[Lanes<T>::n];
+  Lanes<T>::unpack(a, fa);
+  Lanes<T>::unpack(b, fb);
+#pragma unroll
+  for (int k = 0; k < Lanes<T>::n; ++k) fa[k] += fb[k];
+  return Lanes<T>::pack(fa);
+}
+
+// The message as 8-byte packets; the last one is zero-padded.
+__device__ __forceinline__ uint2 load_packet(const Params& p, int64_t i) {
+  const int64_t off = i * kPayload;
+  if (off + kPayload <= p.nbytes)
+    return *reinterpret_cast<const uint2*>(p.in + off);
+  uint2 v = make_uint2(0, 0);
+  char* bytes = reinterpret_cast<char*>(&v);
+  for (int64_t k = 0; off + k < p.nbytes; ++k) bytes[k] = p.in[off + k];
+  return v;
+}
+
+__device__ __forceinline__ void store_packet(const Params& p, int64_t i,
+                                             uint2 v) {
+  const int64_t off = i * kPayload;
+  if (off + kPayload <= p.nbytes) {
+    *reinterpret_cast<uint2*>(p.out + off) = v;
+    return;
+  }
+  const char* bytes = reinterpret_cast<const char*>(&v);
+  for (int64_t k = 0; off + k < p.nbytes; ++k) p.out[off + k] = bytes[k];
+}
+
+// Sum of the G lines at stride `stride` in `src`, in local-rank order.
+template <typename T>
+__device__ __forceinline__ uint2 reduce_lines(const uint4* src, int64_t stride,
+                                              uint32_t seq, const Params& p,
+                                              Phase phase, int64_t index) {
+  float acc[Lanes<T>::n], f[Lanes<T>::n];
+  Lanes<T>::unpack(wait_line(src, seq, p, phase, index), acc);
+  for (int s = 1; s < p.node_size; ++s) {
+    Lanes<T>::unpack(wait_line(src + s * stride, seq, p, phase, index), f);
+#pragma unroll
+    for (int k = 0; k < Lanes<T>::n; ++k) acc[k] += f[k];
+  }
+  return Lanes<T>::pack(acc);
+}
+
+// -------------------------------------------------------------------- kernel
+
+// Inter-node phase for this block's slice [lo, hi) of the chunk, whose
+// node-reduced packets are in stage region 0. Returns where the group-reduced
+// slice ends up (indexed by packet like the chunk).
+template <typename T>
+__device__ const uint2* inter_node(const Params& p, uint32_t seq, int parity,
+                                   int64_t lo, int64_t hi) {
+  auto region = [&](char* base, int step) {
+    return reinterpret_cast<uint2*>(
+        base + (int64_t(parity) * kMaxSteps + step) * p.inter_bytes);
+  };
+  auto signal = [&](int step) {
+    return &p.header->signals[parity][step][blockIdx.x];
+  };
+  const size_t bytes = size_t(hi - lo) * kPayload;
+  auto put = [&](int step, const uint2* src, int pe) {
+    if (bytes > 0) {
+      nvshmemx_putmem_signal_nbi_block(region(p.recv, step) + lo, src + lo,
+                                       bytes, signal(step), seq,
+                                       NVSHMEM_SIGNAL_SET, pe);
+    } else if (threadIdx.x == 0) {  // an empty slice still reports arrival
+      nvshmemx_signal_op(signal(step), seq, NVSHMEM_SIGNAL_SET, pe);
+    }
+  };
+  auto receive = [&](int step) {
+    if (threadIdx.x == 0) wait_signal(signal(step), seq, p, step);
+    __syncthreads();
+    return region(p.recv, step);
+  };
+  auto accumulate = [&](const uint2* mine, const uint2* got, uint2* sum) {
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
+      sum[i] = add_packets<T>(mine[i], __ldcg(got + i));
+    __syncthreads();
+  };
+
+  __syncthreads();  // stage 0 of this slice is complete
+  if (p.role == kFoldSender) {
+    put(kFoldStep, region(p.stage, 0), p.fold_pe);
+    return receive(kUnfoldStep);
+  }
+  int version = 0;  // stage region holding the running sum
+  if (p.role == kFoldReceiver) {
+    accumulate(region(p.stage, 0), receive(kFoldStep), region(p.stage, 1));
+    version = 1;
+  }
+  for (int s = 0; s < p.steps; ++s) {
+    put(1 + s, region(p.stage, version), p.step_pe[s]);
+    accumulate(region(p.stage, version), receive(1 + s),
+               region(p.stage, version + 1));
+    ++version;
+  }
+  if (p.role == kFoldReceiver)
+    put(kUnfoldStep, region(p.stage, version), p.fold_pe);
+  return region(p.stage, version);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
+  __shared__ uint32_t shared_seq;
+  if (threadIdx.x == 0)
+    shared_seq = *reinterpret_cast<volatile uint32_t*>(&p.header->seq) + 1;
+  __syncthreads();
+  const uint32_t seq = shared_seq;
+  const int parity = seq & 1;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
+  const int G = p.node_size, me = p.local_rank;
+  const int64_t P = p.packets, base = parity * p.ll_packets;
+  const uint4* my_a = p.ll_a[me] + base;
+  const uint4* my_b = p.ll_b[me] + base;
+
+  if (p.algo == kOneShot) {
+    for (int64_t i = tid; i < P; i += nthreads) {
+      const uint2 v = load_packet(p, i);
+      for (int j = 0; j < G; ++j) store_line(p.ll_a[j] + base + me * P + i, v, seq);
+    }
+    for (int64_t i = tid; i < P; i += nthreads)
+      store_packet(p, i, reduce_lines<T>(my_a + i, P, seq, p, kOneShotPhase, i));
+  } else {
+    const int64_t C = p.chunk;
+    for (int64_t i = tid; i < P; i += nthreads) {
+      const int64_t j = i / C;
+      store_line(p.ll_a[j] + base + me * C + (i - j * C), load_packet(p, i), seq);
+    }
+    // This PE's chunk, cut into one contiguous slice per block.
+    const int64_t mine = imax(0, imin(C, P - me * C));
+    const int64_t per_block = (mine + gridDim.x - 1) / gridDim.x;
+    const int64_t lo = imin(mine, int64_t(blockIdx.x) * per_block);
+    const int64_t hi = imin(mine, lo + per_block);
+    const uint2* reduced = nullptr;
+    if (p.steps > 0 || p.role != kPlain) {
+      uint2* stage0 = reinterpret_cast<uint2*>(
+          p.stage + int64_t(parity) * kMaxSteps * p.inter_bytes);
+      for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
+        stage0[i] = reduce_lines<T>(my_a + i, C, seq, p, kReduceScatter, i);
+      reduced = inter_node<T>(p, seq, parity, lo, hi);
+    }
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+      const uint2 v = reduced ? __ldcg(reduced + i)
+                              : reduce_lines<T>(my_a + i, C, seq, p,
+                                                kReduceScatter, i);
+      for (int j = 0; j < G; ++j) store_line(p.ll_b[j] + base + me * C + i, v, seq);
+    }
+    for (int64_t i = tid; i < P; i += nthreads) {
+      const int64_t j = i / C;
+      store_packet(p, i, wait_line(my_b + j * C + (i - j * C), seq, p,
+                                   kAllGather, i));
+    }
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (p.steps > 0 || p.role != kPlain) nvshmem_quiet();
+    __threadfence();
+    if (atomicAdd(&p.header->blocks_done, 1u) == gridDim.x - 1) {
+      p.header->blocks_done = 0;
+      *reinterpret_cast<volatile uint32_t*>(&p.header->seq) = seq;
+    }
+  }
+}
+
+// ------------------------------------------------------------- host launcher
+
+// Default launch shape for a message; the tuning table refines it.
+struct LaunchShape {
+  int algo;
+  int blocks;
+};
+
+LaunchShape default_shape(int64_t nbytes, int G, int N, int requested_algo) {
+  const int64_t packets = (nbytes + kPayload - 1) / kPayload;
+  int algo = requested_algo;
+  if (N > 1) algo = kTwoShot;  // the hierarchical path starts like two-shot
+  if (algo == kAuto) algo = nbytes <= (256 << 10) ? kOneShot : kTwoShot;
+  const int64_t per_thread = algo == kOneShot ? 2 : 4;
+  int64_t blocks = (packets + kThreads * per_thread - 1) / (kThreads * per_thread);
+  blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, algo == kOneShot ? 32 : 64));
+  return {algo, int(blocks)};
+}
+
+// Per (slot, node_size, group) state computed once: peers and partners.
+struct Plan {
+  Params base;
+  int node_size;
+  int num_nodes;
+};
+
+ffi::Unexpected<ffi::Error> invalid(std::string message) {
+  return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(std::move(message)));
+}
+
+std::string describe(const std::vector<int64_t>& group) {
+  std::string s = "[";
+  for (size_t i = 0; i < group.size(); ++i)
+    s += (i ? ", " : "") + std::to_string(group[i]);
+  return s + "]";
+}
+
+ffi::ErrorOr<Plan> make_plan(const Runtime& rt, const std::vector<int64_t>& group,
+                             int member, int node_size, int slot) {
+  const int n = int(group.size());
+  const int G = node_size, N = n / G;
+  if (G > kMaxLocal)
+    return invalid(
+        "jax_nvrar: node_size " + std::to_string(G) + " exceeds the kernel's " +
+        std::to_string(kMaxLocal) + " PEs per node");
+  int core = 1;
+  while (core * 2 <= N) core *= 2;
+  int steps = 0;
+  while ((1 << steps) < core) ++steps;
+  if (steps + 2 > kMaxSteps)
+    return invalid(
+        "jax_nvrar: " + std::to_string(N) + " nodes exceed the kernel's " +
+        std::to_string(1 << (kMaxSteps - 2)) + "-node limit");
+  const SlotLayout layout = slot_layout(rt.slot_bytes);
+  char* slot_base = rt.workspace + size_t(slot) * rt.slot_bytes;
+
+  Plan plan{};
+  Params& p = plan.base;
+  plan.node_size = G;
+  plan.num_nodes = N;
+  p.node_size = G;
+  p.local_rank = member % G;
+  const int node = member / G;
+  for (int j = 0; j < G; ++j) {
+    const int peer = int(group[node * G + j]);
+    char* remote = static_cast<char*>(nvshmem_ptr(slot_base, peer));
+    if (remote == nullptr)
+      return invalid(
+          "jax_nvrar: PEs " + std::to_string(rt.pe) + " and " +
+          std::to_string(peer) + " form one node (node_size=" +
+          std::to_string(G) + ") but are not peer-to-peer reachable; use a "
+          "node_size that matches the GPUs linked by NVLink");
+    p.ll_a[j] = reinterpret_cast<uint4*>(remote + layout.a_offset());
+    p.ll_b[j] = reinterpret_cast<uint4*>(remote + layout.b_offset());
+  }
+  p.ll_packets = int64_t(layout.ll_bytes / 2 / sizeof(uint4));
+  p.inter_bytes = int64_t(layout.inter_bytes / (2 * kMaxSteps)) / 16 * 16;
+  p.recv = slot_base + layout.recv_offset();
+  p.stage = slot_base + layout.stage_offset();
+  p.header = reinterpret_cast<Header*>(slot_base);
+  auto pe_of = [&](int other_node) { return int(group[other_node * G + p.local_rank]); };
+  p.role = node >= core ? kFoldSender : (node < N - core ? kFoldReceiver : kPlain);
+  p.fold_pe = p.role == kFoldSender ? pe_of(node - core)
+              : p.role == kFoldReceiver ? pe_of(node + core) : -1;
+  p.steps = node < core ? steps : 0;
+  for (int s = 0; s < p.steps; ++s) p.step_pe[s] = pe_of(node ^ (1 << s));
+  p.pe = rt.pe;
+  p.timeout_ns = rt.timeout_ns;
+  return plan;
+}
+
+// Plans keyed by (group members, slot, node_size); built on first use.
+struct PlanCache {
+  std::mutex mutex;
+  std::map<std::vector<int64_t>, Plan> plans;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache cache;
+  return cache;
+}
+
+ffi::ErrorOr<const Plan*> find_plan(const Runtime& rt,
+                                    ffi::Span<const int64_t> groups,
+                                    int64_t group_size, int64_t node_size,
+                                    int64_t slot) {
+  if (group_size < 1 || groups.size() % group_size != 0)
+    return invalid("jax_nvrar: malformed group table");
+  if (node_size < 1 || group_size % node_size != 0)
+    return invalid(
+        "jax_nvrar: node_size " + std::to_string(node_size) +
+        " does not divide the group size " + std::to_string(group_size));
+  if (slot < 0 || slot >= rt.slots)
+    return invalid("jax_nvrar: workspace slot out of range");
+  int64_t start = -1, member = -1;
+  for (size_t i = 0; i < groups.size(); ++i)
+    if (groups[i] == rt.pe) start = int64_t(i) / group_size * group_size,
+                            member = int64_t(i) % group_size;
+  if (start < 0)
+    return invalid(
+        "jax_nvrar: this process (PE " + std::to_string(rt.pe) +
+        ") is in none of the reduction groups of the program; the mesh and "
+        "the NVSHMEM runtime disagree about processes");
+  std::vector<int64_t> group(groups.begin() + start,
+                             groups.begin() + start + group_size);
+  for (int64_t pe : group)
+    if (pe < 0 || pe >= rt.n_pes)
+      return invalid(
+          "jax_nvrar: group " + describe(group) + " names a PE outside the " +
+          std::to_string(rt.n_pes) + " NVSHMEM PEs");
+  std::vector<int64_t> key = group;
+  key.push_back(slot);
+  key.push_back(node_size);
+  PlanCache& cache = plan_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  auto it = cache.plans.find(key);
+  if (it == cache.plans.end()) {
+    auto plan = make_plan(rt, group, int(member), int(node_size), int(slot));
+    if (plan.has_error()) return ffi::Unexpected<ffi::Error>(plan.error());
+    it = cache.plans.emplace(key, *plan).first;
+  }
+  return &it->second;
+}
+
+template <typename T>
+ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
+                  void* out, int64_t nbytes, int64_t algo, int64_t fault) {
+  Params p = plan.base;
+  const int G = plan.node_size, N = plan.num_nodes;
+  p.in = static_cast<const char*>(in);
+  p.out = static_cast<char*>(out);
+  p.nbytes = nbytes;
+  p.packets = (nbytes + kPayload - 1) / kPayload;
+  p.chunk = (p.packets + G - 1) / G;
+  p.fault = int(fault);
+  LaunchShape shape = default_shape(nbytes, G, N, int(algo));
+  if (shape.algo == kOneShot && G * p.packets > p.ll_packets) shape.algo = kTwoShot;
+  if (G * p.chunk > p.ll_packets || (N > 1 && p.chunk * kPayload > p.inter_bytes))
+    return ffi::Error::InvalidArgument(
+        "jax_nvrar: a message of " + std::to_string(nbytes) +
+        " bytes exceeds the workspace slot; jax_nvrar.psum splits larger "
+        "messages, so this call bypassed it");
+  p.algo = shape.algo;
+  allreduce_kernel<T><<<shape.blocks, kThreads, 0, stream>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jax_nvrar: kernel launch failed: ") +
+                                cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+ffi::Error allreduce(cudaStream_t stream, ffi::AnyBuffer x,
+                     ffi::Result<ffi::AnyBuffer> y,
+                     ffi::Span<const int64_t> groups, int64_t group_size,
+                     int64_t node_size, int64_t slot, int64_t algo,
+                     int64_t fault) {
+  const Runtime& rt = runtime();
+  if (!rt.initialized)
+    return ffi::Error::InvalidArgument(
+        "jax_nvrar: the NVSHMEM runtime is not initialized; call "
+        "jax_nvrar.initialize() before running programs with "
+        "backend='nvshmem'");
+  if (x.size_bytes() != y->size_bytes())
+    return ffi::Error::InvalidArgument("jax_nvrar: input and output differ in size");
+  if (x.size_bytes() == 0) return ffi::Error::Success();
+  auto plan = find_plan(rt, groups, group_size, node_size, slot);
+  if (plan.has_error()) return plan.error();
+  const int64_t nbytes = int64_t(x.size_bytes());
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      return launch<float>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, fault);
+    case ffi::DataType::BF16:
+      return launch<__nv_bfloat16>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, fault);
+    case ffi::DataType::F16:
+      return launch<__half>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, fault);
+    default:
+      return ffi::Error::InvalidArgument(
+          "jax_nvrar: the kernel sums float32, bfloat16 and float16 only");
+  }
+}
+
+}  // namespace
+
+void forget_plans() {
+  PlanCache& cache = plan_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.plans.clear();
+}
+
+SlotLayout slot_layout(size_t slot_bytes) {
+  const size_t rest = slot_bytes > kHeaderBytes ? slot_bytes - kHeaderBytes : 0;
+  const size_t quarter = rest / 4 / 4096 * 4096;
+  return SlotLayout{kHeaderBytes, quarter, quarter};
+}
+
+size_t max_message_bytes(size_t slot_bytes, int node_size, int num_nodes) {
+  const SlotLayout layout = slot_layout(slot_bytes);
+  const int64_t ll_packets = int64_t(layout.ll_bytes / 2 / sizeof(uint4));
+  int64_t packets = ll_packets - node_size;  // node_size * ceil(P / G) fits
+  if (num_nodes > 1) {
+    const int64_t inter = int64_t(layout.inter_bytes / (2 * kMaxSteps)) / 16 * 16;
+    packets = std::min<int64_t>(packets, (inter / kPayload - 1) * node_size);
+  }
+  return size_t(std::max<int64_t>(0, packets) * kPayload / 256 * 256);
+}
+
+}  // namespace jax_nvrar
+
+// One handler: input and output buffers, the group table and layout as
+// attributes, the stream from XLA. Safe to capture into command buffers:
+// all per-call state lives in device memory.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    NvrarAllReduce, jax_nvrar::allreduce,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()  // XLA's compute stream
+        .Arg<ffi::AnyBuffer>()                     // x: this PE's input
+        .Ret<ffi::AnyBuffer>()                     // the sum, same shape
+        .Attr<ffi::Span<const int64_t>>("groups")  // all groups, flattened PEs
+        .Attr<int64_t>("group_size")               // PEs per group
+        .Attr<int64_t>("node_size")                // PEs per (virtual) node
+        .Attr<int64_t>("slot")                     // workspace slot of layout
+        .Attr<int64_t>("algo")                     // 0 auto, 1 one-, 2 two-shot
+        .Attr<int64_t>("fault"),                   // testing: 1 ignores flags
+    {ffi::Traits::kCmdBufferCompatible});          // cudaGraph enabled
