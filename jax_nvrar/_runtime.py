@@ -76,16 +76,18 @@ def require() -> _State:
 
 
 def _local_gpu() -> int:
-    """The CUDA ordinal this process drives, without starting JAX's client."""
+    """The CUDA ordinal this process drives, without starting JAX's client:
+    the launcher's local rank (or SLURM's / Open MPI's), else the single
+    device given to jax.distributed.initialize(local_device_ids=...)."""
     import jax
 
-    visible = jax.config.jax_cuda_visible_devices
-    if visible and visible != "all" and "," not in visible:
-        return int(visible)
-    for name in ("JAX_NVRAR_LOCAL_RANK", "LOCAL_RANK", "SLURM_LOCALID",
-                 "OMPI_COMM_WORLD_LOCAL_RANK"):
+    for name in ("JAX_NVRAR_LOCAL_RANK", "SLURM_LOCALID",
+                 "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_RANK"):
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
+    visible = str(jax.config.values.get("jax_cuda_visible_devices", "all"))
+    if visible.isdigit():
+        return int(visible)
     return _distributed_state().process_id % max(_C.device_count(), 1)
 
 
