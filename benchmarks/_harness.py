@@ -1,0 +1,402 @@
+"""Shared helpers of the jax_nvrar benchmarks (allreduce.py, decode.py).
+
+One harness, not a script per experiment: environment capture, JSON output,
+markdown tables, log-log plots, timing with warm-up and a max over ranks,
+and message-size parsing all live here. Nothing in this module starts a JAX
+backend on import; the functions that need devices say so.
+
+Units follow nccl-tests: sizes in bytes, times in microseconds, bandwidths
+in GB/s (1e9 bytes per second).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+#: Distributions whose versions every result file records (absent ones are
+#: recorded as None, so a reader sees what was looked for).
+PACKAGES = (
+    "jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt",
+    "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax_nvrar", "flax", "numpy",
+    "ml_dtypes", "nvidia-nccl-cu13", "nvidia-nccl-cu12", "nvidia-nvshmem-cu13",
+    "nvidia-nvshmem-cu12", "nvshmem4py-cu13", "nvshmem4py-cu12",
+    "nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12",
+    "nvidia-cublas", "nvidia-cudnn-cu13", "cuda-python", "cuda-core",
+    "cuda-bindings", "matplotlib",
+)
+#: Environment variables that change what a collective does.
+ENV_PREFIXES = ("XLA_", "JAX_", "NCCL_", "NVSHMEM_", "CUDA_", "TF_CPP_")
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout carries only the result table)."""
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10,
+          "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'4K' -> 4096, '64M' -> 67108864, '1000' -> 1000 (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 4K, 64M)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def parse_sizes(text: str) -> list[int]:
+    """Comma list of sizes and ranges. 'LO:HI' is every power of two from LO
+    to HI; 'LO:HI:F' steps by factor F. '4K:64M,3M' is 15 powers + 3 MiB."""
+    sizes: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        fields = part.split(":")
+        if len(fields) == 1:
+            sizes.add(parse_bytes(fields[0]))
+            continue
+        if len(fields) not in (2, 3):
+            raise ValueError(f"bad size range {part!r}; use LO:HI or LO:HI:F")
+        low, high = parse_bytes(fields[0]), parse_bytes(fields[1])
+        factor = int(fields[2]) if len(fields) == 3 else 2
+        if low < 1 or high < low or factor < 2:
+            raise ValueError(f"bad size range {part!r}")
+        size = low
+        while size <= high:
+            sizes.add(size)
+            size *= factor
+    if not sizes:
+        raise ValueError("no sizes given")
+    return sorted(sizes)
+
+
+def fmt_bytes(n: int) -> str:
+    """4096 -> '4K', 67108864 -> '64M', 3000 -> '3000'."""
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def parse_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+# --------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------
+
+def _run(cmd: Sequence[str], timeout: float = 20) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True,
+                             timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def package_versions(names: Iterable[str] = PACKAGES) -> dict:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def nvidia_smi() -> dict | None:
+    """GPU models, driver and CUDA driver version, NVLink topology. None
+    where nvidia-smi is absent. Does not touch JAX."""
+    query = _run(["nvidia-smi", "--query-gpu=index,name,driver_version,"
+                  "memory.total,pci.bus_id", "--format=csv,noheader"])
+    if query is None:
+        return None
+    gpus = [dict(zip(("index", "name", "driver", "memory", "pci_bus"),
+                     (f.strip() for f in line.split(","))))
+            for line in query.splitlines() if line.strip()]
+    header = _run(["nvidia-smi"]) or ""
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
+    return {"gpus": gpus,
+            "driver": gpus[0]["driver"] if gpus else None,
+            "cuda_driver_api": cuda.group(1) if cuda else None,
+            "topology": _run(["nvidia-smi", "topo", "-m"])}
+
+
+def gpu_count() -> int:
+    """GPUs nvidia-smi lists (0 without nvidia-smi), without starting JAX."""
+    info = nvidia_smi()
+    return len(info["gpus"]) if info else 0
+
+
+def git_info() -> dict:
+    commit = _run(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    status = _run(["git", "-C", str(REPO), "status", "--porcelain"])
+    return {"commit": commit,
+            "dirty": None if status is None else bool(status)}
+
+
+def host_env(argv: Sequence[str] | None = None) -> dict:
+    """What can be known without starting a JAX backend."""
+    argv = list(sys.argv if argv is None else argv)
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        "command": shlex.join([sys.executable] + argv),
+        "hostname": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "packages": package_versions(),
+        "nvidia_smi": nvidia_smi(),
+        "git": git_info(),
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k.startswith(ENV_PREFIXES)},
+    }
+
+
+def nccl_version() -> str | None:
+    """Version of the libnccl that the nvidia-nccl wheel ships (the one
+    jaxlib's CUDA plugin loads), via ncclGetVersion; None where absent."""
+    import ctypes
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in getattr(nvidia, "__path__", []):
+        for lib in sorted(Path(root).glob("**/libnccl.so*")):
+            try:
+                code = ctypes.c_int()
+                if ctypes.CDLL(str(lib)).ncclGetVersion(ctypes.byref(code)):
+                    continue
+            except OSError:
+                continue
+            major, rest = divmod(code.value, 10000)
+            return f"{major}.{rest // 100}.{rest % 100}"
+    return None
+
+
+def device_env() -> dict:
+    """Device facts from a running JAX (starts the backend if not started)."""
+    import jax
+
+    devices = jax.devices()
+    info = {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "platform_version": getattr(devices[0].client, "platform_version",
+                                    None),
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k.startswith(ENV_PREFIXES)},
+    }
+    if info["backend"] != "cpu":
+        info["nccl"] = nccl_version()
+    try:  # private module: CUDA runtime/driver versions jaxlib was built for
+        from jax._src.lib import cuda_versions
+        if cuda_versions is not None:
+            info["cuda_runtime"] = cuda_versions.cuda_runtime_get_version()
+            info["cuda_driver"] = cuda_versions.cuda_driver_get_version()
+    except (ImportError, AttributeError, RuntimeError) as error:
+        info["cuda_versions_error"] = repr(error)
+    return info
+
+
+# --------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------
+
+def time_runs(fn: Callable, args: Sequence, *, warmup: int, repeats: int,
+              barrier: Callable[[], None] | None = None):
+    """Wall time of ``fn(*args)`` to completion, ``repeats`` times after
+    ``warmup`` untimed runs. ``fn`` is a compiled program doing many
+    operations, so host dispatch is amortised over them. ``barrier`` (if
+    given) runs before each timed run so that ranks start together.
+
+    Returns (seconds per run, outputs of every run incl. warm-up).
+    """
+    import jax
+
+    outputs, times = [], []
+    for i in range(warmup + repeats):
+        if barrier is not None and i >= warmup:
+            barrier()
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        elapsed = time.perf_counter() - start
+        outputs.append(out)
+        if i >= warmup:
+            times.append(elapsed)
+    return times, outputs
+
+
+def gather_rows(row: Sequence[float]):
+    """All processes' copies of a small float vector, stacked: shape
+    (process_count, len(row)). Every process must call it (it is a
+    collective), with rows of one length. Single process: no communication."""
+    import jax
+    import numpy as np
+
+    row = np.asarray(row, dtype=np.float32)
+    if jax.process_count() == 1:
+        return row[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(row))
+
+
+def barrier(name: str = "jax_nvrar_bench") -> None:
+    """All processes reach this point before any leaves it."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def median_of_max(per_rank_times) -> tuple[float, list[float]]:
+    """nccl-tests' reduction: for each repeat the slowest rank, then the
+    median over repeats. Input shape (ranks, repeats); returns (median,
+    per-repeat maxima)."""
+    maxima = [max(col) for col in zip(*per_rank_times)]
+    return statistics.median(maxima), maxima
+
+
+def bandwidths(nbytes: int, seconds: float, n_ranks: int) -> tuple[float, float]:
+    """nccl-tests all-reduce algbw and busbw in GB/s."""
+    if seconds <= 0:
+        return math.nan, math.nan
+    algbw = nbytes / seconds / 1e9
+    return algbw, algbw * 2 * (n_ranks - 1) / n_ranks
+
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One JSON object per line, flushed, so a killed run keeps its lines."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=_jsonable) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    if not Path(path).exists():
+        return records
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written when killed
+            continue
+    return records
+
+
+def fmt_value(value, spec: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if callable(spec):
+        return spec(value)
+    return format(value, spec)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+    """``columns``: (key, header, format spec or callable). Missing -> '-'."""
+    header = "| " + " | ".join(c[1] for c in columns) + " |"
+    align = "|" + "|".join(
+        "---:" if isinstance(c[2], str) and c[2] not in ("", "s") else "---"
+        for c in columns) + "|"
+    lines = [header, align]
+    for row in rows:
+        cells = [fmt_value(row.get(key), spec) for key, _, spec in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_loglog(path: Path, panels: Sequence[dict], *, title: str,
+                xlabel: str, ylabel: str) -> str | None:
+    """One figure, one panel per dict {"title", "series": {label: (xs, ys)}}
+    on log-log axes. Returns None on success, else why no plot was drawn
+    (matplotlib missing), so callers record the reason instead of failing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
+    except ImportError as error:
+        return f"matplotlib not importable: {error}"
+    cols = min(len(panels), 2) or 1
+    rows = math.ceil(len(panels) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(7.5 * cols, 5 * rows),
+                             squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for label, (xs, ys) in sorted(panel["series"].items()):
+            style = panel.get("styles", {}).get(label, {})
+            ax.plot(xs, ys, marker="o", markersize=3, label=label, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(
+            lambda v, _: fmt_bytes(int(v)) if v >= 1 else f"{v:g}"))
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xlabel(panel.get("xlabel", xlabel))
+        ax.set_ylabel(panel.get("ylabel", ylabel))
+        ax.grid(True, which="both", alpha=0.3)
+        if panel["series"]:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

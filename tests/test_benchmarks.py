@@ -1,0 +1,251 @@
+"""The benchmarks on CPU: the functional all-reduce run, its correctness
+check (with a negative control), and the cost model's formulas and fit."""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _allreduce_cases as cases  # noqa: E402
+import _harness as H  # noqa: E402
+import cost_model as cm  # noqa: E402
+
+
+# --------------------------------------------------------------------------
+# allreduce.py
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def functional_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("allreduce")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "allreduce.py"),
+         "--platform", "cpu", "--quick", "--out-dir", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_functional_run_is_correct_and_labelled(functional_run):
+    out, proc = functional_run
+    payload = json.loads((out / "allreduce_cpu_functional.json").read_text())
+    assert payload["kind"] == "functional"
+    assert "FUNCTIONAL" in payload["title"]
+    ok = [r for r in payload["results"] if r["status"] == "ok"]
+    assert {(r["backend"], r["layout"]) for r in ok} == {
+        ("xla", "1x2"), ("xla", "1x4"), ("reference", "1x2"),
+        ("reference", "1x4"), ("reference", "2x2"), ("reference", "4x1")}
+    assert all(r["wrong"] == 0 and r["chain_checked"] for r in ok)
+    assert all(r["status"] == "ok" for r in payload["results"])
+    for r in ok:  # nccl-tests vocabulary, busbw = algbw * 2(n-1)/n
+        assert r["count"] * 2 == r["size"]
+        assert math.isclose(r["busbw"], r["algbw"] * 2 * (r["nproc"] - 1)
+                            / r["nproc"], rel_tol=1e-6)
+        assert r["speedup"] > 0
+    skipped = {s["backend"] for s in payload["skipped"]}
+    assert {"nvshmem", "xla_ck", "nvshmem4py"} <= {b.split(":")[0]
+                                                   for b in skipped}
+    table = (out / "allreduce_cpu_functional.md").read_text()
+    assert "FUNCTIONAL run" in table and "| time (us) |" in table
+    assert "FUNCTIONAL run" in proc.stdout  # the table goes to stdout
+    assert "#wrong" in proc.stderr  # progress goes to stderr
+    assert payload["env"]["packages"]["jax"]
+    if payload["plot"].startswith("not drawn"):
+        pytest.importorskip("matplotlib")
+    assert (out / "allreduce_cpu_functional.png").stat().st_size > 1000
+
+
+def _args(**kw):
+    base = dict(steps=0, target_ms=2.0, unroll=1, warmup=1, repeats=1)
+    return argparse.Namespace(**{**base, **kw})
+
+
+class _BrokenPsum(cases.JaxCase):
+    """lax.psum with one element off by one: the check must see it."""
+
+    def _psum(self):
+        from jax import lax
+
+        def broken(x):
+            y = lax.psum(x, cases.AXIS)
+            return y.reshape(-1).at[3].add(1).reshape(y.shape)
+        return broken
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_check_counts_wrong_elements(dtype):
+    point = cases.Point(dtype, (1024,))
+    good = cases.Series("xla", cases.Layout(1, 4))
+    wrong, times, extra = cases.JaxCase(good, point, _args(), True, {}).run()
+    assert wrong == [0, 0] and extra["chain_checked"] and len(times) == 1
+    wrong, _, _ = _BrokenPsum(good, point, _args(), True, {}).run()
+    assert all(w > 0 for w in wrong)  # negative control
+
+
+class _FakeRunner:
+    def __init__(self, fail):
+        self.fail = fail
+
+    def run(self):
+        if self.fail:
+            raise ValueError("unsupported on purpose")
+        return [0, 0, 0], [1e-5, 2e-5], {"steps": 3}
+
+
+def test_run_cases_records_errors_and_budget():
+    layout = cases.Layout(1, 2)
+    todo = [(cases.Series(b, layout), cases.Point("float32", (256,)))
+            for b in ("xla", "reference", "nvshmem")]
+    records = []
+    cases.run_cases(todo, lambda s, p: _FakeRunner(s.backend == "xla"),
+                    records.append, group="t", deadline=math.inf, rank0=True,
+                    warmup=1, repeats=2)
+    results = [r for r in records if r["type"] == "result"]
+    assert [r["status"] for r in results] == ["error", "ok", "ok"]
+    assert "unsupported on purpose" in results[0]["reason"]
+    assert results[1]["time_us"] == pytest.approx(15.0)  # median of 10, 20
+    records.clear()
+    cases.run_cases(todo, lambda s, p: _FakeRunner(False), records.append,
+                    group="t", deadline=0.0, rank0=True, warmup=1, repeats=2)
+    results = [r for r in records if r["type"] == "result"]
+    assert [r["status"] for r in results] == ["ok", "skipped", "skipped"]
+
+
+def test_inputs_are_exact_and_never_zero():
+    for dtype, bits in cases.DTYPE_BITS.items():
+        for n in (2, 4, 8):
+            m = cases.chain_modulus(dtype, n)
+            assert n * (n * m + n / 2) < 2 ** bits  # chain stays exact
+            point = cases.Point(dtype, (4, 100))
+            x = cases.host_input(point, n - 1, m)
+            assert x.shape == (4, 100) and (x.astype(float) >= 1).all()
+            total = cases.expected_sum(point, n, m)
+            assert total.max() <= n * m and total.min() >= n
+
+
+def test_decode_shapes_tag_swept_sizes():
+    points = cases.make_points([4096, 1 << 20], ["bfloat16"], [1, 8],
+                               {"8B": 4096}, tag_only=False)
+    by_size = {p.nbytes: p for p in points}
+    assert by_size[8192].shape == (1, 4096)  # b=1: new point, 2-D shape
+    assert by_size[65536].decode == ("8B b=8",)
+    tagged = cases.make_points([8192], ["bfloat16"], [1, 8], {"8B": 4096},
+                               tag_only=True)
+    assert [p.decode for p in tagged] == [("8B b=1",)]
+
+
+def test_series_per_group():
+    layouts = [cases.Layout.parse(t) for t in ("1x4", "2x2")]
+    labels = [(s.label, s.layout.name) for s in cases.group_series(
+        "default", layouts, set(cases.BACKENDS), cases.ALGOS)]
+    assert labels == [("xla", "1x4"), ("reference", "1x4"), ("nvshmem", "1x4"),
+                      ("nvshmem:oneshot", "1x4"), ("nvshmem:twoshot", "1x4"),
+                      ("reference", "2x2"), ("nvshmem", "2x2")]
+    assert [s.label for s in cases.group_series(
+        "xla_ck", layouts, set(cases.BACKENDS), cases.ALGOS)] == ["xla_ck"]
+    with pytest.raises(ValueError):
+        cases.Layout.parse("1x1")
+
+
+def test_harness_units():
+    assert H.parse_sizes("4K:64M") == [1 << k for k in range(12, 27)]
+    assert H.parse_sizes("4K:1M:4,3000") == [3000, 4096, 16384, 65536,
+                                             262144, 1048576]
+    assert H.fmt_bytes(64 << 20) == "64M" and H.fmt_bytes(3000) == "3000"
+    algbw, busbw = H.bandwidths(1_000_000, 1e-5, 4)
+    assert algbw == pytest.approx(100.0) and busbw == pytest.approx(150.0)
+    median, maxima = H.median_of_max([[1, 5, 3], [2, 4, 9]])
+    assert maxima == [2, 5, 9] and median == 5
+    with pytest.raises(ValueError):
+        H.parse_sizes("4Q")
+
+
+# --------------------------------------------------------------------------
+# cost_model.py
+# --------------------------------------------------------------------------
+
+INTRA = cm.Link(3.0, 1 / 300e3)  # 3 us, 300 GB/s
+INTER = cm.INTERCONNECTS["ib_ndr"]
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("m", [4096, 1 << 20])
+def test_single_node_closed_forms(p, m):
+    a, b = INTRA.alpha, INTRA.beta
+    assert cm.ring(m, 1, p, INTRA, INTER) == pytest.approx(
+        2 * (p - 1) * (a + m / p * b))
+    assert cm.nvrar(m, 1, p, INTRA, INTER) == pytest.approx(
+        cm.twoshot(m, 1, p, INTRA, INTER))
+    assert cm.twoshot(m, 1, p, INTRA, INTER) == pytest.approx(
+        2 * (a + (p - 1) / p * m * b))
+    assert cm.oneshot(m, 1, p, INTRA, INTER) == pytest.approx(
+        a + (p - 1) * m * b)
+
+
+def test_multi_node_forms():
+    m, p = 1 << 20, 4
+    ae, be = INTER.alpha, INTER.beta
+    local = 2 * (INTRA.alpha + (p - 1) / p * m * INTRA.beta)
+    for nodes, steps in ((2, 1), (3, 3), (4, 2), (6, 4), (8, 3), (64, 6)):
+        assert cm.nvrar_steps(nodes) == steps
+        assert cm.nvrar(m, nodes, p, INTRA, INTER) == pytest.approx(
+            local + steps * (ae + m / p * be))
+    P = 8 * p  # ring across nodes: slowest hop per step, NIC-bound bytes
+    assert cm.ring(m, 8, p, INTRA, INTER) == pytest.approx(
+        2 * (P - 1) * max(ae, INTRA.alpha) + 2 * (P - 1) / P * m * be / p)
+    # Latency-bound: NVRAR beats ring; bandwidth-bound at scale: it loses.
+    assert cm.nvrar(8192, 16, p, INTRA, INTER) < cm.ring(8192, 16, p, INTRA, INTER)
+    assert cm.nvrar(64 << 20, 16, p, INTRA, INTER) > min(
+        cm.ring(64 << 20, 16, p, INTRA, INTER),
+        cm.tree(64 << 20, 16, p, INTRA, INTER))
+
+
+@pytest.mark.parametrize("form", ["ring", "oneshot", "twoshot", "nvrar"])
+def test_fit_recovers_alpha_beta(form):
+    truth = cm.Link(2.5, 1 / 250e3)
+    points = [(m, p, cm.predict(form, m, 1, p, truth, truth))
+              for p in (2, 4) for m in H.parse_sizes("4K:64M")]
+    fit = cm.fit_link(form, points)
+    assert fit.alpha == pytest.approx(truth.alpha, rel=1e-6)
+    assert fit.beta == pytest.approx(truth.beta, rel=1e-6)
+    noisy = [(m, p, t * (1.05 if i % 2 else 0.95))
+             for i, (m, p, t) in enumerate(points)]
+    fit = cm.fit_link(form, noisy)
+    assert fit.alpha == pytest.approx(truth.alpha, rel=0.15)
+    assert fit.beta == pytest.approx(truth.beta, rel=0.15)
+
+
+def test_cost_model_pipeline(tmp_path, functional_run):
+    links = {"xla": cm.Link(1.5, 1 / 350e3), "nvshmem:twoshot": INTRA,
+             "nvshmem:oneshot": cm.Link(4.0, 1 / 280e3)}
+    sweep = tmp_path / "synthetic.json"
+    sweep.write_text(json.dumps(cm.synthetic_sweep(links)))
+    with pytest.raises(SystemExit):  # synthetic numbers are never results
+        cm.main([str(sweep), "--out-dir", str(tmp_path)])
+    result = cm.main([str(sweep), "--out-dir", str(tmp_path),
+                      "--allow-test-input", "--nodes", "1,2,3,4,8,64"])
+    assert result["test_input"] and "TEST INPUT" in result["label"]
+    fits = result["fits"]
+    assert fits["nvshmem:twoshot"]["alpha_us"] == pytest.approx(3.0)
+    assert result["intra_link_source"]["nvrar"] == "nvshmem:twoshot"
+    out_of_sample = [v for v in result["validation"] if v["layout"] == "2x2"]
+    assert out_of_sample and out_of_sample[0]["max"] < 1e-9
+    small = next(c for c in result["crossovers"]
+                 if c["interconnect"] == "ib_ndr" and c["size"] == 4096)
+    assert small["vs_ring"] is None and 64 in small["nvrar_fastest_at"]
+    big = next(c for c in result["crossovers"]
+               if c["interconnect"] == "ib_ndr" and c["size"] == 64 << 20)
+    assert big["vs_ring"] is not None
+    text = (tmp_path / "cost_model.md").read_text()
+    assert "PREDICTION" in text and "TEST INPUT" in text
+    # The functional CPU sweep runs through too (labelled, never a result).
+    out, _ = functional_run
+    cm.main([str(out / "allreduce_cpu_functional.json"), "--out-dir",
+             str(tmp_path / "cpu"), "--allow-test-input"])
