@@ -132,7 +132,8 @@ def _style(label: str) -> dict:
     backend, _, layout = label.partition(" @ ")
     colours = {"xla": "black", "xla_ck": "grey", "nvshmem4py": "tab:purple",
                "reference": "tab:blue", "nvshmem": "tab:red",
-               "nvshmem:oneshot": "tab:orange", "nvshmem:twoshot": "tab:green"}
+               "nvshmem:oneshot": "tab:orange", "nvshmem:twoshot": "tab:green",
+               "nvshmem:oneshot_ll": "gold", "nvshmem:twoshot_ll": "tab:olive"}
     nodes = Layout.parse(layout).nodes
     return {"color": colours.get(backend),
             "linestyle": {1: "-", 2: "--"}.get(nodes, ":")}

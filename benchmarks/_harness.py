@@ -238,7 +238,10 @@ def time_runs(fn: Callable, args: Sequence, *, warmup: int, repeats: int,
     """Wall time of ``fn(*args)`` to completion, ``repeats`` times after
     ``warmup`` untimed runs. ``fn`` is a compiled program doing many
     operations, so host dispatch is amortised over them. ``barrier`` (if
-    given) runs before each timed run so that ranks start together.
+    given) runs once before the timed runs so that ranks start together;
+    the timed runs then follow back to back, kept in step by the program's
+    own collectives. A barrier before every run would put the ranks' start
+    skew (tens of microseconds) into every measurement.
 
     Returns (seconds per run, outputs of every run incl. warm-up).
     """
@@ -246,7 +249,7 @@ def time_runs(fn: Callable, args: Sequence, *, warmup: int, repeats: int,
 
     outputs, times = [], []
     for i in range(warmup + repeats):
-        if barrier is not None and i >= warmup:
+        if barrier is not None and i == warmup:
             barrier()
         start = time.perf_counter()
         out = jax.block_until_ready(fn(*args))

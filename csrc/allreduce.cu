@@ -22,6 +22,13 @@
 // over the paper's 8-byte {4 B data, 4 B flag} packets because they move
 // twice the payload per store instruction at the same 50% efficiency.
 //
+// Flag lines. For larger messages the LL lines' 50% payload costs more than
+// a second hop: data then travel as plain 16-byte stores, and each block,
+// once its slice is written, fences (system scope) and stores one 32-bit flag
+// = sequence number per destination PE (release); the reader polls the flags
+// of its slice (acquire), then reads. Header::flags_a / flags_b hold them,
+// one per (parity, source local rank, block).
+//
 // Inter-node data travel as nvshmemx_putmem_signal_nbi_block: payload then a
 // 64-bit signal set to the sequence number, one signal per (step, block), so
 // the path works over any NVSHMEM transport (NVLink P2P, InfiniBand,
@@ -41,9 +48,10 @@
 //
 // Phases (one launch; no host synchronisation, no NVSHMEM collectives):
 //   one-shot  (N = 1, small): every PE stores its whole input into every
-//             peer's region A; each PE sums the G copies.
+//             peer's region A; each PE sums the G copies. LL or flag lines.
 //   two-shot  (N = 1): reduce-scatter through region A (chunk j goes to local
 //             rank j), all-gather of the reduced chunks through region B.
+//             LL or flag lines.
 //   hierarchical (N > 1): reduce-scatter as two-shot; then recursive doubling
 //             between equal local ranks of the N nodes on the chunk, each
 //             block on its own slice of the chunk, non-power-of-two N folded
@@ -91,15 +99,25 @@ constexpr int kThreads = 512;
 constexpr size_t kHeaderBytes = 64 << 10;
 constexpr int64_t kPayload = 8;   // bytes of data in one 16-byte LL line
 
-enum Algo : int { kAuto = 0, kOneShot = 1, kTwoShot = 2 };
+// Values of the "algo" attribute; jax_nvrar/_runtime.py has the same table.
+enum Algo : int {
+  kAuto = 0,
+  kOneShotLL = 1,
+  kTwoShotLL = 2,
+  kOneShotFlag = 3,
+  kTwoShotFlag = 4,
+};
 enum Role : int { kPlain = 0, kFoldReceiver = 1, kFoldSender = 2 };
 enum Phase : int { kOneShotPhase, kReduceScatter, kAllGather, kInterNode };
+constexpr int64_t kVec = 16;      // bytes of data in one flag-protocol store
 
 struct Header {
   uint32_t seq;          // sequence number of the last completed call
   uint32_t blocks_done;  // blocks of the running call that have finished
   uint32_t reserved[30];
   uint64_t signals[2][kMaxSteps][kMaxBlocks];  // inter-node arrivals
+  uint32_t flags_a[2][kMaxLocal][kMaxBlocks];  // flag lines into region A
+  uint32_t flags_b[2][kMaxLocal][kMaxBlocks];  // flag lines into region B
 };
 static_assert(sizeof(Header) <= kHeaderBytes, "header does not fit");
 
@@ -117,6 +135,7 @@ struct Params {
   char* recv;             // this PE's inter-node receive region (symmetric)
   char* stage;            // this PE's inter-node stage region (symmetric)
   Header* header;         // this PE's slot header (symmetric)
+  Header* peer_header[kMaxLocal];  // every local peer's header
   int algo;
   int node_size;
   int local_rank;
@@ -195,6 +214,58 @@ __device__ __forceinline__ void wait_signal(const uint64_t* sig, uint32_t seq,
     if (now_ns() - start > (uint64_t)p.timeout_ns)
       report_timeout(p, kInterNode, seq, index);
   }
+}
+
+__device__ __forceinline__ void post_flag(uint32_t* flag, uint32_t seq) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(flag), "r"(seq)
+               : "memory");
+}
+
+__device__ __forceinline__ void wait_flag(const uint32_t* flag, uint32_t seq,
+                                          const Params& p, Phase phase,
+                                          int64_t index) {
+  if (p.fault) return;
+  const uint64_t start = now_ns();
+  uint32_t v;
+  while (true) {
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];"
+                 : "=r"(v)
+                 : "l"(flag)
+                 : "memory");
+    if (v == seq) return;
+    if (now_ns() - start > (uint64_t)p.timeout_ns)
+      report_timeout(p, phase, seq, index);
+  }
+}
+
+// After every thread of the block wrote its part of a slice: make the slice
+// visible system-wide, then raise this block's flag at every local peer.
+__device__ __forceinline__ void publish(const Params& p, uint32_t* (*flag)(
+                                           Header*, int, int, int),
+                                       int parity, uint32_t seq) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int j = 0; j < p.node_size; ++j)
+      post_flag(flag(p.peer_header[j], parity, p.local_rank, blockIdx.x), seq);
+  }
+}
+
+// Waits until every local rank raised this block's flag.
+__device__ __forceinline__ void await(const Params& p, uint32_t* (*flag)(
+                                          Header*, int, int, int),
+                                      int parity, uint32_t seq, Phase phase) {
+  if (threadIdx.x < p.node_size)
+    wait_flag(flag(p.header, parity, threadIdx.x, blockIdx.x), seq, p, phase,
+              threadIdx.x);
+  __syncthreads();
+}
+
+__device__ uint32_t* flag_a(Header* h, int parity, int source, int block) {
+  return &h->flags_a[parity][source][block];
+}
+__device__ uint32_t* flag_b(Header* h, int parity, int source, int block) {
+  return &h->flags_b[parity][source][block];
 }
 
 // 8 payload bytes as float32 values, and back.
@@ -276,6 +347,49 @@ __device__ __forceinline__ void store_packet(const Params& p, int64_t i,
   for (int64_t k = 0; off + k < p.nbytes; ++k) p.out[off + k] = bytes[k];
 }
 
+// The message as 16-byte vectors for the flag protocol; the last is padded.
+__device__ __forceinline__ uint4 load_vec(const Params& p, int64_t i) {
+  const int64_t off = i * kVec;
+  if (off + kVec <= p.nbytes) return *reinterpret_cast<const uint4*>(p.in + off);
+  uint4 v = make_uint4(0, 0, 0, 0);
+  char* bytes = reinterpret_cast<char*>(&v);
+  for (int64_t k = 0; off + k < p.nbytes; ++k) bytes[k] = p.in[off + k];
+  return v;
+}
+
+__device__ __forceinline__ void store_vec(const Params& p, int64_t i, uint4 v) {
+  const int64_t off = i * kVec;
+  if (off + kVec <= p.nbytes) {
+    *reinterpret_cast<uint4*>(p.out + off) = v;
+    return;
+  }
+  const char* bytes = reinterpret_cast<const char*>(&v);
+  for (int64_t k = 0; off + k < p.nbytes; ++k) p.out[off + k] = bytes[k];
+}
+
+// Sum of the G vectors at stride `stride` (in vectors) in `src`, in
+// local-rank order, read through L2 (peers wrote them over NVLink).
+template <typename T>
+__device__ __forceinline__ uint4 reduce_vecs(const uint4* src, int64_t stride,
+                                             int G) {
+  constexpr int n = Lanes<T>::n;
+  float lo[n], hi[n], f[n];
+  uint4 v = __ldcg(src);
+  Lanes<T>::unpack(make_uint2(v.x, v.y), lo);
+  Lanes<T>::unpack(make_uint2(v.z, v.w), hi);
+  for (int s = 1; s < G; ++s) {
+    v = __ldcg(src + s * stride);
+    Lanes<T>::unpack(make_uint2(v.x, v.y), f);
+#pragma unroll
+    for (int k = 0; k < n; ++k) lo[k] += f[k];
+    Lanes<T>::unpack(make_uint2(v.z, v.w), f);
+#pragma unroll
+    for (int k = 0; k < n; ++k) hi[k] += f[k];
+  }
+  const uint2 a = Lanes<T>::pack(lo), b = Lanes<T>::pack(hi);
+  return make_uint4(a.x, a.y, b.x, b.y);
+}
+
 // Sum of the G lines at stride `stride` in `src`, in local-rank order.
 template <typename T>
 __device__ __forceinline__ uint2 reduce_lines(const uint4* src, int64_t stride,
@@ -292,6 +406,61 @@ __device__ __forceinline__ uint2 reduce_lines(const uint4* src, int64_t stride,
 }
 
 // -------------------------------------------------------------------- kernel
+
+// Purpose: one-shot all-reduce with flag lines.
+// Requirement: G * vectors fits one parity of region A.
+// Use-case: one node, messages past the LL sweet spot up to ~1 MB.
+template <typename T>
+__device__ void oneshot_flag(const Params& p, uint32_t seq, int parity) {
+  const int G = p.node_size, me = p.local_rank;
+  const int64_t V = (p.nbytes + kVec - 1) / kVec;
+  const int64_t per_block = (V + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = imin(V, int64_t(blockIdx.x) * per_block);
+  const int64_t hi = imin(V, lo + per_block);
+  const int64_t base = parity * p.ll_packets;  // same bytes as LL lines
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const uint4 v = load_vec(p, i);
+    for (int j = 0; j < G; ++j) (p.ll_a[j] + base)[me * V + i] = v;
+  }
+  publish(p, flag_a, parity, seq);
+  await(p, flag_a, parity, seq, kOneShotPhase);
+  const uint4* mine = p.ll_a[me] + base;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
+    store_vec(p, i, reduce_vecs<T>(mine + i, V, G));
+}
+
+// Purpose: two-shot all-reduce with flag lines: reduce-scatter, all-gather.
+// Requirement: G * ceil(vectors / G) fits one parity of regions A and B.
+// Use-case: one node, large messages.
+template <typename T>
+__device__ void twoshot_flag(const Params& p, uint32_t seq, int parity) {
+  const int G = p.node_size, me = p.local_rank;
+  const int64_t V = (p.nbytes + kVec - 1) / kVec;
+  const int64_t C = (V + G - 1) / G;
+  const int64_t per_block = (C + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = imin(C, int64_t(blockIdx.x) * per_block);
+  const int64_t hi = imin(C, lo + per_block);
+  const int64_t base = parity * p.ll_packets;
+  auto valid = [&](int j) { return imin(hi, imax(0, V - j * C)); };
+  for (int j = 0; j < G; ++j) {
+    uint4* dst = p.ll_a[j] + base + me * C;
+    for (int64_t i = lo + threadIdx.x; i < valid(j); i += blockDim.x)
+      dst[i] = load_vec(p, j * C + i);
+  }
+  publish(p, flag_a, parity, seq);
+  await(p, flag_a, parity, seq, kReduceScatter);
+  const uint4* mine = p.ll_a[me] + base;
+  for (int64_t i = lo + threadIdx.x; i < valid(me); i += blockDim.x) {
+    const uint4 r = reduce_vecs<T>(mine + i, C, G);
+    for (int j = 0; j < G; ++j) (p.ll_b[j] + base + me * C)[i] = r;
+  }
+  publish(p, flag_b, parity, seq);
+  await(p, flag_b, parity, seq, kAllGather);
+  const uint4* gathered = p.ll_b[me] + base;
+  for (int s = 0; s < G; ++s)
+    for (int64_t i = lo + threadIdx.x; i < valid(s); i += blockDim.x)
+      store_vec(p, s * C + i, __ldcg(gathered + s * C + i));
+}
 
 // Inter-node phase for this block's slice [lo, hi) of the chunk, whose
 // node-reduced packets are in stage region 0. Returns where the group-reduced
@@ -363,7 +532,11 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   const uint4* my_a = p.ll_a[me] + base;
   const uint4* my_b = p.ll_b[me] + base;
 
-  if (p.algo == kOneShot) {
+  if (p.algo == kOneShotFlag) {
+    oneshot_flag<T>(p, seq, parity);
+  } else if (p.algo == kTwoShotFlag) {
+    twoshot_flag<T>(p, seq, parity);
+  } else if (p.algo == kOneShotLL) {
     for (int64_t i = tid; i < P; i += nthreads) {
       const uint2 v = load_packet(p, i);
       for (int j = 0; j < G; ++j) store_line(p.ll_a[j] + base + me * P + i, v, seq);
@@ -422,13 +595,18 @@ struct LaunchShape {
 };
 
 LaunchShape default_shape(int64_t nbytes, int G, int N, int requested_algo) {
-  const int64_t packets = (nbytes + kPayload - 1) / kPayload;
   int algo = requested_algo;
-  if (N > 1) algo = kTwoShot;  // the hierarchical path starts like two-shot
-  if (algo == kAuto) algo = nbytes <= (256 << 10) ? kOneShot : kTwoShot;
-  const int64_t per_thread = algo == kOneShot ? 2 : 4;
-  int64_t blocks = (packets + kThreads * per_thread - 1) / (kThreads * per_thread);
-  blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, algo == kOneShot ? 32 : 64));
+  if (N > 1) algo = kTwoShotLL;  // the hierarchical path starts like two-shot
+  if (algo == kAuto) {
+    algo = nbytes <= (64 << 10)    ? kOneShotLL
+           : nbytes <= (512 << 10) ? kOneShotFlag
+                                   : kTwoShotFlag;
+  }
+  const bool ll = algo == kOneShotLL || algo == kTwoShotLL;
+  const int64_t units = (nbytes + kPayload - 1) / kPayload / (ll ? 1 : 2);
+  const int64_t per_thread = algo == kOneShotLL ? 2 : 4;
+  int64_t blocks = (units + kThreads * per_thread - 1) / (kThreads * per_thread);
+  blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, algo == kOneShotLL ? 32 : 64));
   return {algo, int(blocks)};
 }
 
@@ -485,6 +663,7 @@ ffi::ErrorOr<Plan> make_plan(const Runtime& rt, const std::vector<int64_t>& grou
           std::to_string(peer) + " form one node (node_size=" +
           std::to_string(G) + ") but are not peer-to-peer reachable; use a "
           "node_size that matches the GPUs linked by NVLink");
+    p.peer_header[j] = reinterpret_cast<Header*>(remote);
     p.ll_a[j] = reinterpret_cast<uint4*>(remote + layout.a_offset());
     p.ll_b[j] = reinterpret_cast<uint4*>(remote + layout.b_offset());
   }
@@ -569,7 +748,9 @@ ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
   p.chunk = (p.packets + G - 1) / G;
   p.fault = int(fault);
   LaunchShape shape = default_shape(nbytes, G, N, int(algo));
-  if (shape.algo == kOneShot && G * p.packets > p.ll_packets) shape.algo = kTwoShot;
+  const int64_t vecs = (nbytes + kVec - 1) / kVec;
+  if (shape.algo == kOneShotLL && G * p.packets > p.ll_packets) shape.algo = kTwoShotLL;
+  if (shape.algo == kOneShotFlag && G * vecs > p.ll_packets) shape.algo = kTwoShotFlag;
   if (G * p.chunk > p.ll_packets || (N > 1 && p.chunk * kPayload > p.inter_bytes))
     return ffi::Error::InvalidArgument(
         "jax_nvrar: a message of " + std::to_string(nbytes) +
@@ -654,6 +835,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("group_size")               // PEs per group
         .Attr<int64_t>("node_size")                // PEs per (virtual) node
         .Attr<int64_t>("slot")                     // workspace slot of layout
-        .Attr<int64_t>("algo")                     // 0 auto, 1 one-, 2 two-shot
+        .Attr<int64_t>("algo")                     // Algo: variant or 0 (auto)
         .Attr<int64_t>("fault"),                   // testing: 1 ignores flags
     {ffi::Traits::kCmdBufferCompatible});          // cudaGraph enabled

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 BACKENDS = ("auto", "xla", "reference", "nvshmem")
-ALGOS = ("auto", "oneshot", "twoshot")
+ALGOS = ("auto", "oneshot", "twoshot", "oneshot_ll", "twoshot_ll")
 
 #: name -> (default, meaning). Defaults are strings, as the environment holds.
 VARIABLES = {
@@ -19,7 +19,8 @@ VARIABLES = {
         "", "devices per (virtual) node along the reduced axis; empty: from "
             "the runtime, else the whole axis is one node"),
     "JAX_NVRAR_ALGO": (
-        "auto", "single-node kernel variant: auto, oneshot or twoshot"),
+        "auto", "single-node kernel variant: auto, oneshot, twoshot (flag "
+                "lines), oneshot_ll or twoshot_ll (LL lines)"),
     "JAX_NVRAR_WORKSPACE_MB": (
         "128", "symmetric workspace per communicator slot, in MiB"),
     "JAX_NVRAR_SLOTS": (

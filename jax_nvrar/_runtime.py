@@ -31,7 +31,9 @@ except ImportError as error:  # built without CUDA, or NVSHMEM not loadable
     _IMPORT_ERROR = error
 
 _UID_KEY = "jax_nvrar/nvshmem_unique_id"
-_ALGO_CODES = {"auto": 0, "oneshot": 1, "twoshot": 2}
+# The kernel's Algo enum (csrc/allreduce.cu).
+_ALGO_CODES = {"auto": 0, "oneshot_ll": 1, "twoshot_ll": 2, "oneshot": 3,
+               "twoshot": 4}
 
 
 @dataclasses.dataclass
@@ -152,8 +154,13 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
     _Runtime.state = _State(
         pe=_C.my_pe(), n_pes=_C.n_pes(), node_pes=tuple(_C.node_pes()),
         slot_bytes=slot_bytes, slots={}, max_slots=slots)
+    # The trait lets XLA record the kernel into command buffers (CUDA
+    # graphs); without it every call is launched from the host.
+    from jax._src.lib import xla_client
     for name, capsule in _C.ffi_targets().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+        jax.ffi.register_ffi_target(
+            name, capsule, platform="CUDA",
+            traits=xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE)
     if len(jax.local_devices()) != 1:
         finalize()
         raise RuntimeError(
