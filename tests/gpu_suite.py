@@ -34,6 +34,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
 # Elements per device: 1 element to 8 MB of bf16, odd sizes included.
 SIZES = [1, 3, 7, 8, 33, 1000, 4095, 65537, 262144, 1 << 20, 4 << 20]
 QUICK_SIZES = [1, 7, 4095, 65537, 1 << 20]
+ALGOS = ["oneshot_ll", "twoshot_ll", "oneshot", "twoshot"]
 
 
 class Suite:
@@ -140,12 +141,19 @@ def global_array(mesh, dtype, count, seed, *, integer=True):
     return put(mesh, P("tp"), make)
 
 
-def check_sizes(suite, n, node_size, dtype_name):
+def check_sizes(suite, n, node_size, dtype_name, algo="auto"):
     mesh = mesh_1d(n)
     dtype = DTYPES[dtype_name]
     sizes = QUICK_SIZES if suite.quick else SIZES
 
     def body():
+        os.environ["JAX_NVRAR_ALGO"] = algo  # read at trace time
+        try:
+            return sweep()
+        finally:
+            os.environ["JAX_NVRAR_ALGO"] = "auto"
+
+    def sweep():
         for count in sizes:
             for seed, integer in ((count, True), (count + 1, False)):
                 x = global_array(mesh, dtype, count, seed, integer=integer)
@@ -163,7 +171,7 @@ def check_sizes(suite, n, node_size, dtype_name):
         return None
 
     suite.check(f"{n} PEs, {n // node_size}x{node_size}, {dtype_name}, "
-                f"{len(sizes)} sizes x (integer, random)", body)
+                f"algo {algo}, {len(sizes)} sizes x (integer, random)", body)
 
 
 def check_stale_outputs(suite, n, node_size):
@@ -329,6 +337,9 @@ def main():
         if "sizes" in groups:
             for dtype_name in DTYPES:
                 check_sizes(suite, n, node_size, dtype_name)
+            if node_size == n:  # the single-node variants, each forced
+                for algo in ALGOS:
+                    check_sizes(suite, n, node_size, "bfloat16", algo)
         if "stale" in groups:
             check_stale_outputs(suite, n, node_size)
         if "calls" in groups:
