@@ -34,9 +34,9 @@
 // the path works over any NVSHMEM transport (NVLink P2P, InfiniBand,
 // Slingshot via libfabric), not only where peers are load/store reachable.
 //
-// Sequence numbers. header->seq holds the number of the last completed call
-// of this slot; a call uses seq + 1 and its last block to finish writes it
-// back. It lives in device memory and only kernels advance it, so replaying a
+// Sequence numbers. header->seq holds the number of the last call of this
+// slot; a call uses seq + 1, and the last of its blocks to have read the old
+// number writes the new one back. It lives in device memory and only kernels advance it, so replaying a
 // captured CUDA graph stays correct and buffers are never reset. Flags from
 // older calls never equal the current number, so stale lines are ignored.
 //
@@ -112,8 +112,8 @@ enum Phase : int { kOneShotPhase, kReduceScatter, kAllGather, kInterNode };
 constexpr int64_t kVec = 16;      // bytes of data in one flag-protocol store
 
 struct Header {
-  uint32_t seq;          // sequence number of the last completed call
-  uint32_t blocks_done;  // blocks of the running call that have finished
+  uint32_t seq;          // sequence number of the last call started
+  uint32_t blocks_done;  // blocks of the running call that have read seq
   uint32_t reserved[30];
   uint64_t signals[2][kMaxSteps][kMaxBlocks];  // inter-node arrivals
   uint32_t flags_a[2][kMaxLocal][kMaxBlocks];  // flag lines into region A
@@ -193,11 +193,12 @@ __device__ __forceinline__ uint2 wait_line(const uint4* src, uint32_t seq,
   uint4 v = load_line(src);
   if ((v.y == seq && v.w == seq) || p.fault) return make_uint2(v.x, v.z);
   const uint64_t start = now_ns();
-  do {
+  for (uint32_t polls = 1; v.y != seq || v.w != seq; ++polls) {
     v = load_line(src);
-    if (now_ns() - start > (uint64_t)p.timeout_ns)
+    // The timer is read now and then: a read costs more than a poll.
+    if (polls % 256 == 0 && now_ns() - start > (uint64_t)p.timeout_ns)
       report_timeout(p, phase, seq, index);
-  } while (v.y != seq || v.w != seq);
+  }
   return make_uint2(v.x, v.z);
 }
 
@@ -227,28 +228,29 @@ __device__ __forceinline__ void wait_flag(const uint32_t* flag, uint32_t seq,
   if (p.fault) return;
   const uint64_t start = now_ns();
   uint32_t v;
-  while (true) {
+  for (uint32_t polls = 0;; ++polls) {
     asm volatile("ld.acquire.sys.global.u32 %0, [%1];"
                  : "=r"(v)
                  : "l"(flag)
                  : "memory");
     if (v == seq) return;
-    if (now_ns() - start > (uint64_t)p.timeout_ns)
+    if (polls % 256 == 255 && now_ns() - start > (uint64_t)p.timeout_ns)
       report_timeout(p, phase, seq, index);
   }
 }
 
-// After every thread of the block wrote its part of a slice: make the slice
-// visible system-wide, then raise this block's flag at every local peer.
+// After every thread of the block wrote its part of a slice: thread j raises
+// this block's flag at local peer j. The barrier orders the block's data
+// stores before each flag's system-scope release (release is cumulative), so
+// a peer that acquires the flag sees the slice; no separate fence needed.
 __device__ __forceinline__ void publish(const Params& p, uint32_t* (*flag)(
                                            Header*, int, int, int),
                                        int parity, uint32_t seq) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    for (int j = 0; j < p.node_size; ++j)
-      post_flag(flag(p.peer_header[j], parity, p.local_rank, blockIdx.x), seq);
-  }
+  if (threadIdx.x < p.node_size)
+    post_flag(flag(p.peer_header[threadIdx.x], parity, p.local_rank,
+                   blockIdx.x),
+              seq);
 }
 
 // Waits until every local rank raised this block's flag.
@@ -519,11 +521,16 @@ __device__ const uint2* inter_node(const Params& p, uint32_t seq, int parity,
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
-  __shared__ uint32_t shared_seq;
-  if (threadIdx.x == 0)
-    shared_seq = *reinterpret_cast<volatile uint32_t*>(&p.header->seq) + 1;
+  const uint32_t seq =
+      *reinterpret_cast<volatile uint32_t*>(&p.header->seq) + 1;
+  // Once every block has read the number, the last to arrive advances it;
+  // the next launch on this stream starts after this one ends.
   __syncthreads();
-  const uint32_t seq = shared_seq;
+  if (threadIdx.x == 0 &&
+      atomicAdd(&p.header->blocks_done, 1u) == gridDim.x - 1) {
+    p.header->blocks_done = 0;
+    *reinterpret_cast<volatile uint32_t*>(&p.header->seq) = seq;
+  }
   const int parity = seq & 1;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
@@ -575,15 +582,7 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
     }
   }
 
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (p.steps > 0 || p.role != kPlain) nvshmem_quiet();
-    __threadfence();
-    if (atomicAdd(&p.header->blocks_done, 1u) == gridDim.x - 1) {
-      p.header->blocks_done = 0;
-      *reinterpret_cast<volatile uint32_t*>(&p.header->seq) = seq;
-    }
-  }
+  if (threadIdx.x == 0 && (p.steps > 0 || p.role != kPlain)) nvshmem_quiet();
 }
 
 // ------------------------------------------------------------- host launcher
