@@ -32,9 +32,9 @@ VARIABLES = {
     "JAX_NVRAR_FAULT_INJECT": (
         "0", "testing only: 1 makes the kernel ignore its arrival flags, so "
              "results must go wrong (the GPU suite's negative control)"),
-    "JAX_NVRAR_AUTO_MAX_MB": (
-        "16", "backend='auto' uses the kernel up to this message size (MiB) "
-              "and XLA's psum above it"),
+    "JAX_NVRAR_AUTO_MAX_KB": (
+        "512", "backend='auto' uses the kernel up to this message size (KiB) "
+               "and XLA's psum above it (the measured crossover on 4xH100)"),
 }
 
 

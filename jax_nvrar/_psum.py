@@ -180,7 +180,7 @@ def _choose(backend: str, dtype, nbytes: int, axes: tuple) -> str:
         return "xla"  # a vmap axis: no devices to permute between
     if backend != "auto":
         return backend
-    limit = _config.get_int("JAX_NVRAR_AUTO_MAX_MB") << 20
+    limit = _config.get_int("JAX_NVRAR_AUTO_MAX_KB") << 10
     if (_runtime.is_available() and on_mesh and nbytes <= limit
             and np.dtype(dtype) in KERNEL_DTYPES):
         return "nvshmem"
