@@ -1,0 +1,193 @@
+"""Tensor-parallel Llama 3.x decode with a pluggable all-reduce (jax_nvrar.psum or lax.psum).
+
+On a machine without GPUs the defaults run the ``tiny`` preset over 8 simulated CPU devices in
+seconds. On GPUs, one process per GPU through the launcher, e.g.::
+
+    python -m jax_nvrar.launch --nproc-per-node 4 -m models.decode \\
+        --model llama3.1-70b --tp 4 --allreduce nvrar --batch 1 --prompt-len 128 --gen-len 128
+
+With ``--allreduce nvrar`` on GPUs it calls ``jax_nvrar.initialize()`` first, which needs one process
+per GPU (the launcher); ``--allreduce xla`` also runs single-process over all local GPUs.
+
+``--model`` is a preset name or a Hugging Face checkpoint folder (``config.json`` + safetensors, and
+``tokenizer.json`` for ``--prompt`` text when the ``tokenizers`` package is installed). Generated
+tokens (or text) and a timing summary go to stdout, progress to stderr, both from process 0 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _log(msg: str) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"[decode] {msg}", file=sys.stderr, flush=True)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def _cuda_expected() -> bool:
+    """Whether JAX will pick a GPU, decided without initialising a backend (``jax_nvrar.initialize``
+    must run before that)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+    if platforms:
+        return "cuda" in platforms or "gpu" in platforms
+    if importlib.util.find_spec("jax_plugins") is None:
+        return False
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+
+
+def _configure_devices(args) -> None:
+    import jax
+
+    if getattr(jax.distributed, "is_initialized", lambda: False)():
+        return  # under the launcher: each process uses the devices it was given
+    try:
+        # Only the CPU backend reads this, so it is harmless where GPUs exist.
+        jax.config.update("jax_num_cpu_devices", max(args.cpu_devices, args.tp or 0))
+    except RuntimeError:
+        pass  # backends already up (e.g. main() called from a test process): keep their devices
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m models.decode", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="preset name (see models/config.py) or checkpoint folder")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices)")
+    p.add_argument("--allreduce", choices=("nvrar", "reference", "xla"), default="nvrar",
+                   help="nvrar: jax_nvrar.psum (backend auto); reference: its pure-JAX schedule; "
+                        "xla: jax.lax.psum")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (random ids when no --prompt)")
+    p.add_argument("--ragged", action="store_true", help="random prompt lengths in [prompt-len/2, prompt-len]")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeatable; needs a checkpoint with tokenizer.json)")
+    p.add_argument("--gen-len", type=int, default=16, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights, prompts and sampling")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices when running on CPU")
+    p.add_argument("--no-warmup", action="store_true", help="time the first (compiling) run")
+    p.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    args = p.parse_args(argv)
+    for name in ("batch", "prompt_len", "gen_len", "cpu_devices"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def _prompts(args, tokenizer, vocab_size):
+    import numpy as np
+
+    if args.prompt:
+        if tokenizer is None:
+            raise ValueError("--prompt needs a checkpoint folder with tokenizer.json and the `tokenizers` "
+                             f"package; {args.model!r} has none")
+        return [tokenizer.encode(text).ids for text in args.prompt]
+    rng = np.random.default_rng(args.seed)
+    lengths = [args.prompt_len] * args.batch
+    if args.ragged:
+        lengths = [args.prompt_len] + list(rng.integers(max(1, args.prompt_len // 2), args.prompt_len + 1,
+                                                        size=args.batch - 1))
+    return [rng.integers(0, vocab_size, size=n).tolist() for n in lengths]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cuda = _cuda_expected()
+    _configure_devices(args)
+    if args.allreduce == "nvrar" and cuda:
+        import jax_nvrar
+
+        jax_nvrar.initialize()
+
+    import jax
+
+    from models import checkpoint, config, tp as tp_lib
+    from models.generate import Generator, Sampling
+
+    t_start = time.perf_counter()
+    platform = jax.default_backend()
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if platform == "gpu" else "float32")
+    folder = args.model if os.path.isdir(args.model) else None
+    if folder:
+        cfg = config.from_hf_config(folder, n_layers=args.layers, dtype=dtype)
+    else:
+        cfg = config.get_config(args.model, n_layers=args.layers, dtype=dtype)
+    mesh = tp_lib.make_mesh(args.tp)
+    tp_lib.check_tp(cfg, mesh.size)
+    psum = tp_lib.get_psum(args.allreduce)
+    devices = mesh.devices.ravel()
+    device_desc = f"{len(devices)} x {devices[0].device_kind}"
+    _log(f"{cfg.name}: {cfg.n_layers} layers, {cfg.dtype}, tp={mesh.size} on {device_desc} "
+         f"({jax.process_count()} process(es)), allreduce={args.allreduce}")
+
+    sampling = Sampling(args.temperature, args.top_p)
+    tokenizer = checkpoint.load_tokenizer(folder) if folder else None
+    prompts = _prompts(args, tokenizer, cfg.vocab_size)
+    if folder:
+        loaded = []
+
+        def progress(name):
+            loaded.append(name)
+            if len(loaded) % 50 == 0:
+                _log(f"loaded {len(loaded)} tensors ({name})")
+
+        graphdef, state = tp_lib.load_weights(cfg, mesh, folder, progress=progress)
+    else:
+        graphdef, state = tp_lib.init_weights(cfg, mesh, seed=args.seed)
+    weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+    _log(f"weights ready: {_size(weight_bytes)} per device ({time.perf_counter() - t_start:.1f} s)")
+
+    gen = Generator(graphdef, state, mesh, psum, sampling)
+    if not args.no_warmup:
+        t = time.perf_counter()
+        gen.generate(prompts, min(args.gen_len, 2), seed=args.seed, max_len=max(map(len, prompts)) + args.gen_len)
+        _log(f"compiled prefill and decode step ({time.perf_counter() - t:.1f} s)")
+    tokens, timing = gen.generate(prompts, args.gen_len, seed=args.seed)
+
+    steps = args.gen_len - 1
+    step_s = timing["decode_s"] / steps if steps else float("nan")
+    summary = {
+        "model": cfg.name, "layers": cfg.n_layers, "dtype": cfg.dtype, "tp": mesh.size,
+        "devices": device_desc, "processes": jax.process_count(), "allreduce": args.allreduce,
+        "batch": len(prompts), "prompt_len": max(map(len, prompts)), "gen_len": args.gen_len,
+        "prefill_ms": timing["prefill_s"] * 1e3, "decode_step_ms": step_s * 1e3,
+        "decode_tokens_per_s": len(prompts) / step_s if steps else float("nan"),
+        "weights_gb_per_device": weight_bytes / 1e9,
+        "weight_read_gb_per_s": weight_bytes / step_s / 1e9 if steps else float("nan"),
+    }
+    if jax.process_index() == 0:
+        for i, row in enumerate(tokens):
+            shown = tokenizer.decode(row.tolist()) if tokenizer else " ".join(map(str, row))
+            print(f"[{i}] {shown}")
+        print(f"prefill: {summary['prefill_ms']:.2f} ms for {summary['batch']} x {summary['prompt_len']} tokens")
+        print(f"decode:  {summary['decode_step_ms']:.3f} ms/step mean over {steps} steps, "
+              f"{summary['decode_tokens_per_s']:.1f} tokens/s (batch {summary['batch']}), "
+              f"weights {_size(weight_bytes)}/device read at {summary['weight_read_gb_per_s']:.2f} GB/s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,83 @@
+"""``python -m models.decode``: the default command on CPU, checkpoints, text prompts, errors."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from models import decode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIED = os.path.join(ROOT, "tests", "fixtures", "llama_tiny_tied")
+
+
+def _cli(*args):
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    return subprocess.run([sys.executable, "-m", "models.decode", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_default_command_runs_tiny_on_simulated_devices():
+    """The README's main job: no arguments, sets its own 8 simulated CPU devices."""
+    result = _cli("--gen-len", "4")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert len(rows) == 4 and all(len(r.split()) == 5 for r in rows), result.stdout
+    assert "prefill:" in result.stdout and "tokens/s" in result.stdout
+    assert "tp=8" in result.stderr and "allreduce=nvrar" in result.stderr
+
+
+def test_unknown_preset_exits_2():
+    result = _cli("--model", "llama-7")
+    assert result.returncode == 2
+    assert "unknown model preset 'llama-7'" in result.stderr
+
+
+def test_checkpoint_with_text_prompts(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    out = tmp_path / "summary.json"
+    summary = decode.main(["--model", TIED, "--tp", "2", "--allreduce", "xla", "--prompt", "hello",
+                           "--prompt", "hi there", "--gen-len", "3", "--temperature", "0.7", "--top-p", "0.9",
+                           "--json", str(out)])
+    assert summary == json.loads(out.read_text())
+    assert (summary["tp"], summary["batch"], summary["prompt_len"], summary["gen_len"]) == (2, 2, 8, 3)
+    assert summary["decode_tokens_per_s"] > 0
+    assert capsys.readouterr().out.count("\n[") >= 1
+
+
+def test_ragged_random_prompts_and_layer_override(capsys):
+    summary = decode.main(["--tp", "4", "--allreduce", "xla", "--layers", "1", "--batch", "3", "--ragged",
+                           "--gen-len", "2", "--no-warmup"])
+    assert (summary["layers"], summary["tp"], summary["batch"]) == (1, 4, 3)
+
+
+@pytest.mark.parametrize("argv,match", [(["--tp", "3"], "tp=3"), (["--layers", "9"], "1..2, got 9"),
+                                        (["--prompt", "hi"], "tokenizer.json")])
+def test_cli_errors(argv, match):
+    with pytest.raises(ValueError, match=match):
+        decode.main(["--allreduce", "xla", *argv])
+
+
+def _rows(text):
+    rows = [line.split("] ", 1)[-1] if line.startswith("[rank") else line for line in text.splitlines()]
+    return [r for r in rows if re.match(r"\[\d+\] ", r)]
+
+
+def test_one_process_per_device_through_the_launcher(capsys):
+    """Two CPU processes (one device each, gloo) under jax_nvrar.launch: the checkpoint is loaded
+    shard by shard and the reference NVRAR schedule runs across processes; tokens equal one device."""
+    tiny = os.path.join(ROOT, "tests", "fixtures", "llama_tiny")
+    args = ["--model", tiny, "--gen-len", "3", "--ragged", "--batch", "3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    result = subprocess.run([sys.executable, "-m", "jax_nvrar.launch", "--nproc-per-node", "2", "--platform", "cpu",
+                             "-m", "models.decode", *args, "--allreduce", "reference"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tp=2" in result.stdout + result.stderr and "2 process(es)" in result.stdout + result.stderr
+    decode.main([*args, "--tp", "1", "--allreduce", "xla", "--no-warmup"])
+    expected = _rows(capsys.readouterr().out)
+    assert len(expected) == 3
+    assert _rows(result.stdout) == expected
