@@ -260,8 +260,9 @@ def psum(x, axis_name, *, backend: str | None = None,
             leaf, dtype = jnp.asarray(leaf, np.int32), np.dtype(np.int32)
         nbytes = math.prod(np.shape(leaf)) * dtype.itemsize
         impl = _choose(backend, dtype, nbytes, axes)
+        # Nothing to exchange (constants, empty arrays, one device): psum.
         if (impl == "xla" or not isinstance(leaf, core.Tracer)
-                or nbytes == 0):
+                or nbytes == 0 or axis_size == 1):
             return lax.psum(leaf, axes)
         return _bind(leaf, axes, node_size, impl, algo)
 

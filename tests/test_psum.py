@@ -361,3 +361,13 @@ def test_negative_control_broken_unfold_is_caught(monkeypatch):
     want = np.asarray(x).reshape(6, 1, 4).sum(0)
     rows = np.asarray(stacked).reshape(6, 1, 4)
     assert (rows[:4] == want).all() and not (rows[4:] == want).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_axis_of_one_device_is_the_identity(backend):
+    # One device (e.g. one GPU): psum's answer, no communication.
+    mesh = mesh_of((1,), ("tp",))
+    x = integer_valued((1, 5), jnp.float32)
+    ours = reduce_with(lambda v: jax_nvrar.psum(v, "tp", backend=backend),
+                       mesh, P("tp"), x)
+    np.testing.assert_array_equal(ours, x)
