@@ -50,11 +50,12 @@ def _transpose(ct, x, *, axes, node_size, impl, algo):
     return ad.primitive_transposes[prim](ct, x, axes=axes, **extra)
 
 
-def _batch(args, dims, **params):
-    # A positional vmap axis is just more elements to sum; reductions over
-    # vmapped *named* axes never reach here (psum() sends them to lax.psum).
+def _batch(args, dims, *, axes, node_size, impl, algo):
+    # A positional vmap axis is just more elements to sum (so the message may
+    # now need pieces); reductions over vmapped *named* axes never reach here
+    # (psum() sends them to lax.psum).
     (x,), (dim,) = args, dims
-    return allreduce_p.bind(x, **params), dim
+    return _bind(x, axes, node_size, impl, algo), dim
 
 
 def _reference_lowering(ctx, x, *, axes, node_size, impl, algo):
