@@ -23,11 +23,11 @@
 // twice the payload per store instruction at the same 50% efficiency.
 //
 // Flag lines. For larger messages the LL lines' 50% payload costs more than
-// a second hop: data then travel as plain 16-byte stores, and each block,
-// once its slice is written, fences (system scope) and stores one 32-bit flag
-// = sequence number per destination PE (release); the reader polls the flags
-// of its slice (acquire), then reads. Header::flags_a / flags_b hold them,
-// one per (parity, source local rank, block).
+// a second hop: data then travel as plain 16-byte stores; once a block's
+// slice is written (block barrier), thread j stores a 32-bit flag = sequence
+// number at local peer j with system-scope release semantics; the reader
+// polls the flags of its slice with acquire loads, then reads through L2.
+// Header::flags_a / flags_b hold them, one per (parity, source, block).
 //
 // Inter-node data travel as nvshmemx_putmem_signal_nbi_block: payload then a
 // 64-bit signal set to the sequence number, one signal per (step, block), so
@@ -36,9 +36,10 @@
 //
 // Sequence numbers. header->seq holds the number of the last call of this
 // slot; a call uses seq + 1, and the last of its blocks to have read the old
-// number writes the new one back. It lives in device memory and only kernels advance it, so replaying a
-// captured CUDA graph stays correct and buffers are never reset. Flags from
-// older calls never equal the current number, so stale lines are ignored.
+// number writes the new one back. It lives in device memory and only kernels
+// advance it, so replaying a captured CUDA graph stays correct and buffers
+// are never reset. Flags from older calls never equal the current number, so
+// stale lines are ignored.
 //
 // Buffering. A call uses the regions of parity seq & 1. A PE can only be one
 // call ahead of any peer it exchanges with: finishing call k needs data every
