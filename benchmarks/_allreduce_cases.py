@@ -361,10 +361,6 @@ def run_cases(cases, make_runner, emit, *, group: str, deadline: float,
               f"  (compile {extra.get('compile_s', 0):.1f} s)")
 
 
-def _agree(flag: bool) -> bool:
-    return bool(H.gather_rows([float(flag)])[:, 0].min() > 0)
-
-
 def worker_main(args, *, cpu: bool, emit, rank0: bool) -> None:
     """Measures one group's series. On GPU the launcher has started
     jax.distributed; NVSHMEM must start before JAX's first allocation."""
@@ -377,19 +373,12 @@ def worker_main(args, *, cpu: bool, emit, rank0: bool) -> None:
 
     nvshmem_ok, nvshmem_reason = False, None
     if any(s.backend == "nvshmem" for s in series):
-        import jax_nvrar
         if cpu:
             nvshmem_reason = ("functional CPU run: the NVSHMEM kernel needs "
                               "CUDA GPUs (one process per GPU)")
         else:
-            try:
-                jax_nvrar.initialize()
-                nvshmem_ok = jax_nvrar.is_available()
-                nvshmem_reason = None if nvshmem_ok else "is_available() False"
-            except Exception as exc:
-                nvshmem_reason = f"initialize() failed: {type(exc).__name__}: {exc}"
-            if not _agree(nvshmem_ok) and nvshmem_ok:
-                nvshmem_ok, nvshmem_reason = False, "unavailable on another rank"
+            nvshmem_reason = H.start_nvshmem()
+            nvshmem_ok = nvshmem_reason is None
 
     import jax
     env = H.device_env()

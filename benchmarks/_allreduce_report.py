@@ -66,6 +66,10 @@ COLUMNS = (
 )
 
 
+def _series_name(entry: dict) -> str:
+    return f"{entry['backend']} @ {entry['layout']}"
+
+
 def report(payload: dict) -> str:
     functional = payload["kind"] == "functional"
     lines = [f"# {payload['title']}", ""]
@@ -84,18 +88,10 @@ def report(payload: dict) -> str:
             lines += [f"## {dtype}, layout {layout} ({lay.n} {unit} as "
                       f"{lay.nodes} node(s) x {lay.node_size})", "",
                       H.markdown_table(rows, COLUMNS), ""]
-    missing = collections.defaultdict(set)  # (status, reason) -> series
-    for r in payload["results"]:
-        if r["status"] != "ok":
-            missing[(r["status"], r.get("reason"))].add(
-                f"{r['backend']} @ {r['layout']}")
-    for s in payload["skipped"]:
-        missing[("skipped", s["reason"])].add(f"{s['backend']} @ {s['layout']}")
+    missing = H.not_measured(payload["results"], payload["skipped"],
+                             _series_name, _series_name)
     if missing:
-        lines += ["## Not measured", ""]
-        for (status, reason), names in missing.items():
-            lines.append(f"- {status}: {', '.join(sorted(names))} -- {reason}")
-        lines.append("")
+        lines += ["## Not measured", "", *missing, ""]
     for g in payload["groups"]:
         if g["status"] != "ok":
             lines.append(f"- group {g['group']}: {g['status']} "
@@ -140,26 +136,7 @@ def _style(label: str) -> dict:
 
 
 def write_outputs(payload: dict, out_dir: Path, prefix: str) -> dict:
-    out_dir = Path(out_dir)
-    paths = {"json": out_dir / f"{prefix}.json", "md": out_dir / f"{prefix}.md",
-             "png": out_dir / f"{prefix}.png"}
-    why = plot(payload, paths["png"])
-    payload["plot"] = str(paths["png"]) if why is None else f"not drawn: {why}"
-    text = report(payload)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths["md"].write_text(text)
-    H.write_json(paths["json"], payload)
-    print(text, flush=True)
-    H.log("wrote " + ", ".join(str(p) for k, p in paths.items()
-                                if k != "png" or why is None))
-    return {k: str(v) for k, v in paths.items()}
-
-
-def run_kind(devices: list[dict]) -> str:
-    """Only GPU processes measure performance; CPU ones (tests of the
-    driver) are functional runs whatever mode started them."""
-    on_gpu = devices and all(d.get("backend") != "cpu" for d in devices)
-    return "performance" if on_gpu else "functional"
+    return H.write_outputs(payload, out_dir, prefix, report=report, plot=plot)
 
 
 def run_title(kind: str, device: dict | None, n: int) -> str:

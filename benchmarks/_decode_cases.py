@@ -445,25 +445,6 @@ class Worker:
         gc.collect()
 
 
-def _start_nvshmem(cpu: bool) -> str | None:
-    """Start NVSHMEM before JAX's first allocation; None or why not."""
-    if cpu:
-        return ("functional CPU run: the NVSHMEM kernel needs CUDA GPUs, and "
-                "backend='auto' would silently be lax.psum")
-    ok, why = False, None
-    try:
-        import jax_nvrar
-
-        jax_nvrar.initialize()
-        ok = jax_nvrar.is_available()
-        why = None if ok else "jax_nvrar.is_available() is False after initialize()"
-    except Exception as exc:  # any failure becomes a recorded skip
-        why = f"jax_nvrar.initialize() failed: {type(exc).__name__}: {exc}"
-    if H.gather_rows([float(ok)])[:, 0].min() > 0:
-        return None
-    return why or "unavailable on another rank"
-
-
 def _plan_model(cfg, tp: int, workloads, limit, request, emit, rank0: bool) -> dict:
     """{layers: [workloads with the batches that fit]}. Layers are planned per
     workload (prefill's attention scores need far more memory than decoding);
@@ -497,7 +478,11 @@ def worker_main(args, *, cpu: bool, emit, rank0: bool) -> None:
     skipped = []
     uses_nvshmem = bool(backends & {"nvrar", "nvshmem"})
     if uses_nvshmem:
-        why = _start_nvshmem(cpu)
+        if cpu:
+            why = ("functional CPU run: the NVSHMEM kernel needs CUDA GPUs, and "
+                   "backend='auto' would silently be lax.psum")
+        else:
+            why = H.start_nvshmem()
         if why:
             skipped += [{"what": f"backend {b}", "reason": why}
                         for b in sorted(backends & {"nvrar", "nvshmem"})]

@@ -220,16 +220,11 @@ def report(payload: dict) -> str:
 
 
 def _not_measured(payload: dict) -> list[str]:
-    missing = collections.defaultdict(set)
-    for r in payload["results"]:
-        if r["status"] != "ok":
-            missing[(r["status"], r.get("reason"))].add(
-                f"{r['model']}:{r['layers']} tp={r['tp']} {r['workload']} b={r['batch']} "
-                f"{r['variant']}")
-    for s in payload["skipped"]:
-        missing[("skipped", s["reason"])].add(s["what"])
-    lines = [f"- {status}: {', '.join(sorted(names))} -- {reason}"
-             for (status, reason), names in missing.items()]
+    lines = H.not_measured(
+        payload["results"], payload["skipped"],
+        lambda r: (f"{r['model']}:{r['layers']} tp={r['tp']} {r['workload']} "
+                   f"b={r['batch']} {r['variant']}"),
+        lambda s: s["what"])
     lines += [f"- group {g['group']}: {g['status']} (rc {g['returncode']}"
               f"{', stopped before its end' if g.get('finished') is False else ''})"
               for g in payload["groups"] if g["status"] != "ok" or g.get("finished") is False]
@@ -266,22 +261,7 @@ def plot(payload: dict, path: Path) -> str | None:
 
 
 def write_outputs(payload: dict, out_dir: Path, prefix: str) -> dict:
-    out_dir = Path(out_dir)
-    paths = {k: out_dir / f"{prefix}.{k}" for k in ("json", "md", "png")}
-    why = plot(payload, paths["png"])
-    payload["plot"] = str(paths["png"]) if why is None else f"not drawn: {why}"
-    text = report(payload)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths["md"].write_text(text)
-    H.write_json(paths["json"], payload)
-    print(text, flush=True)
-    H.log("wrote " + ", ".join(str(p) for k, p in paths.items() if k != "png" or why is None))
-    return {k: str(v) for k, v in paths.items()}
-
-
-def run_kind(devices) -> str:
-    on_gpu = bool(devices) and all(d.get("backend") != "cpu" for d in devices)
-    return "performance" if on_gpu else "functional"
+    return H.write_outputs(payload, out_dir, prefix, report=report, plot=plot)
 
 
 def run_title(kind: str, devices, models) -> str:

@@ -2,8 +2,11 @@
 
 One harness, not a script per experiment: environment capture, JSON output,
 markdown tables, log-log plots, timing with warm-up and a max over ranks,
-and message-size parsing all live here. Nothing in this module starts a JAX
-backend on import; the functions that need devices say so.
+message-size parsing, and the driver/worker plumbing both scripts share
+(launching a group of worker processes under a time limit, the four modes
+of ``main``, starting NVSHMEM on every rank, writing PREFIX.json/.md/.png)
+all live here. Nothing in this module starts a JAX backend on import; the
+functions that need devices say so.
 
 Units follow nccl-tests: sizes in bytes, times in microseconds, bandwidths
 in GB/s (1e9 bytes per second).
@@ -11,6 +14,9 @@ in GB/s (1e9 bytes per second).
 
 from __future__ import annotations
 
+import argparse
+import collections
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -19,10 +25,12 @@ import os
 import platform
 import re
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -302,6 +310,157 @@ def bandwidths(nbytes: int, seconds: float, n_ranks: int) -> tuple[float, float]
 
 
 # --------------------------------------------------------------------------
+# Drivers and workers
+# --------------------------------------------------------------------------
+#
+# A GPU run is a driver process that never starts JAX: per group it runs
+# ``python -m jax_nvrar.launch`` (one worker process per GPU), the workers
+# append JSON lines to a part file, and the driver merges the parts. A group
+# that outlives its share of the time budget plus a grace period is stopped
+# and recorded as such; the lines it wrote before stay usable.
+
+#: Lines of a group's output kept in its record (the rest went to stderr).
+OUTPUT_TAIL = 30
+
+
+def budget_share(end: float, weights: Sequence[float], floor: float) -> float:
+    """Seconds the next group may run: the time left until ``end`` split in
+    proportion to ``weights`` (the groups still to run, the next one first,
+    each weighted by its expected cost), but at least ``floor``. Infinite
+    where ``end`` is (no budget)."""
+    return max(floor, (end - time.time()) * weights[0] / sum(weights))
+
+
+def launch_group(name: str, script: Path, nproc: int, platform: str,
+                 argv: Sequence[str], *, timeout: float, note: str,
+                 env: dict | None = None) -> dict:
+    """Run ``script argv`` in ``nproc`` processes under ``python -m
+    jax_nvrar.launch``, its output passed on to stderr. After ``timeout`` s
+    the launcher's whole process group gets SIGTERM, then SIGKILL (10 s
+    each): workers stuck in a collective never exit by themselves.
+
+    ``env``: variables added to this process's environment (XLA_FLAGS is
+    read when a backend starts, so a group that needs other flags gets its
+    own processes). Returns the group's record: group, nproc, status (ok,
+    failed or timeout), returncode, wall_s, command, output_tail.
+    """
+    cmd = [sys.executable, "-m", "jax_nvrar.launch", "--nproc-per-node",
+           str(nproc), "--platform", platform, str(script), *argv]
+    log(f"group {name}: {note}; {' '.join(cmd)}")
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    tail = collections.deque(maxlen=OUTPUT_TAIL)
+
+    def pump():
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            sys.stderr.write(line)
+        sys.stderr.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    status = "ok"
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+        log(f"group {name}: no exit after {timeout:.0f} s; stopping its "
+            "processes")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    reader.join(timeout=5)
+    if status == "ok" and proc.returncode != 0:
+        status = "failed"
+    return {"group": name, "nproc": nproc, "status": status,
+            "returncode": proc.returncode,
+            "wall_s": round(time.time() - start, 1),
+            "command": " ".join(cmd), "output_tail": list(tail)}
+
+
+def launched_processes() -> tuple[int, bool]:
+    """(processes the launcher started, whether this one is rank 0), from
+    jax.distributed's state: jax.process_count() would start the GPU client,
+    and NVSHMEM must start before it."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    return state.num_processes, state.process_id == 0
+
+
+def add_driver_args(parser: argparse.ArgumentParser) -> None:
+    """The hidden flags ``dispatch`` and ``launch_group`` rely on."""
+    # Testing the driver without GPUs: --platform gpu --gpus 4
+    # --launch-platform cpu runs every group on 1-device CPU processes.
+    parser.add_argument("--gpus", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--launch-platform", default="gpu", choices=("gpu", "cpu"),
+                        help=argparse.SUPPRESS)
+    # Set by the driver for the processes it launches.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=None,
+                        help=argparse.SUPPRESS)
+
+
+def dispatch(args, *, worker: Callable, under_launcher: Callable,
+             cpu: Callable, gpu: Callable) -> None:
+    """The modes of a benchmark script's ``main``:
+
+    * ``--worker`` (started by a driver): ``worker(emit, rank0)``, each
+      record appended to the ``--part`` file as it is made;
+    * under ``jax_nvrar.launch`` without ``--worker``: ``under_launcher(args)``;
+    * ``--platform cpu``: ``cpu(args)``, a functional run in this process;
+    * otherwise ``gpu(args)``, the driver.
+    """
+    if args.worker:
+        part = Path(args.part)
+        _, rank0 = launched_processes()
+        worker(lambda record: append_jsonl(part, record), rank0)
+        return
+    import jax.distributed
+
+    if jax.distributed.is_initialized():
+        under_launcher(args)
+    elif args.platform == "cpu":
+        cpu(args)
+    else:
+        gpu(args)
+
+
+def start_nvshmem() -> str | None:
+    """Start NVSHMEM (jax_nvrar.initialize) before JAX's first allocation.
+    Every rank must call it: the ranks agree, so either all use the kernel
+    or none does. None when every rank has it, else why not (a failure is
+    recorded as a skip, never raised)."""
+    ok, why = False, None
+    try:
+        import jax_nvrar
+
+        jax_nvrar.initialize()
+        ok = jax_nvrar.is_available()
+        why = None if ok else "jax_nvrar.is_available() is False after initialize()"
+    except Exception as exc:  # any failure becomes a recorded skip
+        why = f"jax_nvrar.initialize() failed: {type(exc).__name__}: {exc}"
+    if gather_rows([float(ok)])[:, 0].min() > 0:
+        return None
+    return why or "unavailable on another rank"
+
+
+def run_kind(devices: Sequence[dict]) -> str:
+    """Only GPU processes measure performance; CPU ones (tests of the
+    driver) are functional runs whatever mode started them."""
+    on_gpu = bool(devices) and all(d.get("backend") != "cpu" for d in devices)
+    return "performance" if on_gpu else "functional"
+
+
+# --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
 
@@ -363,6 +522,41 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
         cells = [fmt_value(row.get(key), spec) for key, _, spec in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def not_measured(results: Sequence[dict], skipped: Sequence[dict],
+                 label: Callable[[dict], str],
+                 skip_label: Callable[[dict], str]) -> list[str]:
+    """Markdown bullets, one per (status, reason): the results whose status
+    is not ok (named by ``label``) and the skipped entries (``skip_label``)."""
+    missing = collections.defaultdict(set)
+    for r in results:
+        if r["status"] != "ok":
+            missing[(r["status"], r.get("reason"))].add(label(r))
+    for entry in skipped:
+        missing[("skipped", entry["reason"])].add(skip_label(entry))
+    return [f"- {status}: {', '.join(sorted(names))} -- {reason}"
+            for (status, reason), names in missing.items()]
+
+
+def write_outputs(payload: dict, out_dir: Path, prefix: str, *,
+                  report: Callable[[dict], str],
+                  plot: Callable[[dict, Path], str | None]) -> dict:
+    """PREFIX.png (``plot`` returns None, or why nothing was drawn, which
+    the payload records), PREFIX.md (``report``, also printed on stdout) and
+    PREFIX.json in ``out_dir``. Returns the paths by suffix."""
+    out_dir = Path(out_dir)
+    paths = {k: out_dir / f"{prefix}.{k}" for k in ("json", "md", "png")}
+    why = plot(payload, paths["png"])
+    payload["plot"] = str(paths["png"]) if why is None else f"not drawn: {why}"
+    text = report(payload)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths["md"].write_text(text)
+    write_json(paths["json"], payload)
+    print(text, flush=True)
+    log("wrote " + ", ".join(str(p) for k, p in paths.items()
+                             if k != "png" or why is None))
+    return {k: str(v) for k, v in paths.items()}
 
 
 def plot_loglog(path: Path, panels: Sequence[dict], *, title: str,

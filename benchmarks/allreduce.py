@@ -67,15 +67,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -88,8 +85,7 @@ if importlib.util.find_spec("jax_nvrar") is None:  # run from a checkout
 from _allreduce_cases import (ALGOS, BACKENDS, DECODE_MODELS,  # noqa: E402
                               DTYPE_BITS, Layout, group_series,
                               points_from_args, worker_main)
-from _allreduce_report import (merge, run_kind, run_title,  # noqa: E402
-                               write_outputs)
+from _allreduce_report import merge, run_title, write_outputs  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 SCHEMA = "jax_nvrar.allreduce/1"
@@ -209,52 +205,6 @@ def worker_argv(args, group: Group, part: Path, deadline: float) -> list:
     return argv + (["--quick"] if args.quick else [])
 
 
-def run_group(args, group: Group, part: Path, deadline: float,
-              hard_timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "jax_nvrar.launch", "--nproc-per-node",
-           str(group.nproc), "--platform", args.launch_platform, str(SCRIPT)]
-    cmd += worker_argv(args, group, part, deadline)
-    env = dict(os.environ, **group.env)
-    H.log(f"group {group.name}: {group.cases} cases, "
-          f"{deadline - time.time():.0f} s budget; {' '.join(cmd)}")
-    start = time.time()
-    proc = subprocess.Popen(cmd, cwd=H.REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    tail = collections.deque(maxlen=30)
-
-    def pump():
-        for line in proc.stdout:
-            tail.append(line.rstrip())
-            sys.stderr.write(line)
-        sys.stderr.flush()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    status = "ok"
-    try:
-        proc.wait(timeout=hard_timeout)
-    except subprocess.TimeoutExpired:
-        status = "timeout"
-        H.log(f"group {group.name}: no exit after {hard_timeout:.0f} s; "
-              "stopping its processes")
-        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    reader.join(timeout=5)
-    if status == "ok" and proc.returncode != 0:
-        status = "failed"
-    return {"group": group.name, "kind": group.kind, "nproc": group.nproc,
-            "env": group.env, "status": status,
-            "returncode": proc.returncode, "wall_s": round(time.time() - start, 1),
-            "command": " ".join(cmd), "output_tail": list(tail)}
-
-
 def driver_gpu(args) -> dict:
     host = H.host_env()
     n_gpus = args.gpus or H.gpu_count()
@@ -266,18 +216,20 @@ def driver_gpu(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="jax_nvrar_allreduce_"))
     groups_meta, records = [], {}
     for i, group in enumerate(groups):
-        now = time.time()
-        weights = [20 + g.cases for g in groups[i:]]  # ~1 s a case + startup
-        share = max(30.0, (end - now) * weights[0] / sum(weights))
-        deadline = now + share
+        weights = [20 + g.cases for g in groups[i:]]  # ~1 s a case + start-up
+        share = H.budget_share(end, weights, 30.0)
+        deadline = time.time() + share
         part = tmp / f"{group.name.replace(':', '_')}.jsonl"
-        meta = run_group(args, group, part, deadline,
-                         hard_timeout=share + args.grace)
-        groups_meta.append(meta)
+        meta = H.launch_group(
+            group.name, SCRIPT, group.nproc, args.launch_platform,
+            worker_argv(args, group, part, deadline), env=group.env,
+            timeout=share + args.grace,
+            note=f"{group.cases} cases, {deadline - time.time():.0f} s budget")
+        groups_meta.append(dict(meta, kind=group.kind, env=group.env))
         records[group.name] = H.read_jsonl(part)
     devices = [r["device"] for recs in records.values() for r in recs
                if r["type"] == "env"]
-    kind = run_kind(devices)
+    kind = H.run_kind(devices)
     payload = merge(records, groups_meta, skipped, {
         "schema": SCHEMA, "kind": kind,
         "title": run_title(kind, devices[0] if devices else None,
@@ -319,11 +271,7 @@ def driver_cpu(args) -> dict:
 
 def direct_under_launcher(args) -> None:
     """Started by the launcher without --worker: one default group."""
-    # jax.process_count() would start the GPU client before NVSHMEM;
-    # jax.distributed's state has the numbers without starting it.
-    from jax._src import distributed
-    n = distributed.global_state.num_processes
-    rank0 = distributed.global_state.process_id == 0
+    n, rank0 = H.launched_processes()
     layouts = [l for l in (Layout.parse(t) for t in H.parse_list(args.layouts))
                if l.n == n]
     args.layouts = ",".join(l.name for l in layouts) or f"1x{n}"
@@ -334,7 +282,7 @@ def direct_under_launcher(args) -> None:
     worker_main(args, cpu=False, emit=records.append, rank0=rank0)
     if rank0:
         devices = [r["device"] for r in records if r["type"] == "env"]
-        kind = run_kind(devices)
+        kind = H.run_kind(devices)
         payload = merge({args.group: records}, [{
             "group": args.group, "kind": "default", "nproc": n,
             "status": "ok", "returncode": 0,
@@ -410,18 +358,10 @@ def parse_args(argv=None):
     p.add_argument("--prefix", default=None,
                    help="output file prefix (default allreduce, or "
                         "allreduce_cpu_functional)")
-    # Testing the driver without GPUs: --platform gpu --gpus 4
-    # --launch-platform cpu runs every group on 1-device CPU processes.
-    p.add_argument("--gpus", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--launch-platform", default="gpu", choices=("gpu", "cpu"),
-                   help=argparse.SUPPRESS)
+    H.add_driver_args(p)
     # Set by the driver for the processes it launches.
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--group", default="", help=argparse.SUPPRESS)
     p.add_argument("--group-kind", default="default", help=argparse.SUPPRESS)
-    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=None,
-                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     unknown = set(H.parse_list(args.backends)) - set(BACKENDS)
@@ -466,23 +406,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        from jax._src import distributed
-        rank0 = distributed.global_state.process_id == 0
-        part = Path(args.part)
-
-        def emit(record):
-            H.append_jsonl(part, record)
-
-        worker_main(args, cpu=False, emit=emit, rank0=rank0)
-        return
-    import jax.distributed
-    if jax.distributed.is_initialized():
-        direct_under_launcher(args)
-    elif args.platform == "cpu":
-        driver_cpu(args)
-    else:
-        driver_gpu(args)
+    H.dispatch(args, worker=lambda emit, rank0: worker_main(
+        args, cpu=False, emit=emit, rank0=rank0),
+        under_launcher=direct_under_launcher, cpu=driver_cpu, gpu=driver_gpu)
 
 
 if __name__ == "__main__":

@@ -75,11 +75,8 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -91,7 +88,7 @@ if str(H.REPO) not in sys.path:  # models/ is run from the checkout
 
 from _allreduce_cases import Layout  # noqa: E402
 from _decode_cases import BACKENDS, Workload, worker_main  # noqa: E402
-from _decode_report import (derive, merge, run_kind, run_title,  # noqa: E402
+from _decode_report import (derive, merge, run_title,  # noqa: E402
                             write_outputs)
 
 SCRIPT = Path(__file__).resolve()
@@ -135,41 +132,6 @@ FORWARD = ("models", "layouts", "workloads", "decode_batches", "decode_prompt",
 # Driver
 # --------------------------------------------------------------------------
 
-def run_launched(cmd: list, env: dict, timeout: float) -> dict:
-    """Run a launcher command, its output passed on to stderr; stop its
-    process group after ``timeout`` s. -> status, returncode, wall_s."""
-    start = time.time()
-    proc = subprocess.Popen(cmd, cwd=H.REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-    def pump():
-        for line in proc.stdout:
-            sys.stderr.write(line)
-        sys.stderr.flush()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    status = "ok"
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        status = "timeout"
-        H.log(f"no exit after {timeout:.0f} s; stopping the group's processes")
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    reader.join(timeout=5)
-    if status == "ok" and proc.returncode != 0:
-        status = "failed"
-    return {"status": status, "returncode": proc.returncode,
-            "wall_s": round(time.time() - start, 1), "command": " ".join(map(str, cmd))}
-
-
 def _cases(args, tp: int) -> int:
     per_batch = sum(1 if b in ("xla", "nocomm") else
                     sum(Layout.parse(l).n == tp for l in H.parse_list(args.layouts))
@@ -191,17 +153,16 @@ def driver_gpu(args) -> dict:
     groups, records = [], {}
     for i, tp in enumerate(tps):
         weights = [_cases(args, t) + 5 for t in tps[i:]]  # + start-up and weights
-        share = (start + budget - time.time()) * weights[0] / sum(weights)
-        share = max(60.0, share) if budget < float("inf") else 1e9
+        share = min(H.budget_share(start + budget, weights, 60.0), 1e9)
         name, part = f"tp{tp}", tmp / f"tp{tp}.jsonl"
-        cmd = [sys.executable, "-m", "jax_nvrar.launch", "--nproc-per-node", str(tp),
-               "--platform", args.launch_platform, str(SCRIPT), "--worker", "--tp", str(tp),
-               "--part", str(part), "--deadline", f"{time.time() + share:.1f}"]
-        cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in FORWARD]
-        H.log(f"group {name}: {_cases(args, tp)} cases per model layer count, "
-              f"budget {min(share, 1e6):.0f} s: {' '.join(cmd)}")
-        meta = run_launched(cmd, os.environ.copy(), timeout=min(share + args.grace, 1e9))
-        groups.append({"group": name, "nproc": tp, **meta})
+        argv = ["--worker", "--tp", str(tp), "--part", str(part),
+                "--deadline", f"{time.time() + share:.1f}"]
+        argv += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in FORWARD]
+        groups.append(H.launch_group(
+            name, SCRIPT, tp, args.launch_platform, argv,
+            timeout=min(share + args.grace, 1e9),
+            note=f"{_cases(args, tp)} cases per model layer count, "
+                 f"budget {min(share, 1e6):.0f} s"))
         records[name] = H.read_jsonl(part)
     return _finish(args, records, groups, skipped, host, start)
 
@@ -225,9 +186,7 @@ def driver_cpu(args) -> dict:
 
 def direct_under_launcher(args) -> None:
     """Started by the launcher without --worker: TP = the processes started."""
-    from jax._src import distributed  # the numbers, without starting the GPU client
-
-    n, rank0 = distributed.global_state.num_processes, distributed.global_state.process_id == 0
+    n, rank0 = H.launched_processes()
     args.tp = str(n)
     args.deadline = time.time() + (args.time_budget or 1e9)
     records, start = [], time.time()
@@ -241,7 +200,7 @@ def direct_under_launcher(args) -> None:
 
 def _finish(args, records, groups, skipped, host, start) -> dict:
     devices = [r["device"] for recs in records.values() for r in recs if r["type"] == "env"]
-    kind = run_kind(devices)
+    kind = H.run_kind(devices)
     payload = merge(records, groups, skipped, {
         "schema": SCHEMA, "kind": kind,
         "title": run_title(kind, devices, H.parse_list(args.models)),
@@ -339,14 +298,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=str(H.RESULTS_DIR))
     p.add_argument("--prefix", default=None,
                    help="output file prefix (default decode, or decode_cpu_functional)")
-    # Testing the driver without GPUs: --platform gpu --gpus 4 --launch-platform cpu.
-    p.add_argument("--gpus", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--launch-platform", default="gpu", choices=("gpu", "cpu"),
-                   help=argparse.SUPPRESS)
-    # Set by the driver for the processes it launches.
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    H.add_driver_args(p)
     args = p.parse_args(argv)
     if args.merge:
         return args
@@ -403,22 +355,9 @@ def main(argv=None) -> None:
     if args.merge:
         merge_files(args)
         return
-    if args.worker:
-        from jax._src import distributed
-
-        part = Path(args.part)
-        worker_main(args, cpu=os.environ.get("JAX_NVRAR_PLATFORM") == "cpu",
-                    emit=lambda record: H.append_jsonl(part, record),
-                    rank0=distributed.global_state.process_id == 0)
-        return
-    import jax.distributed
-
-    if jax.distributed.is_initialized():
-        direct_under_launcher(args)
-    elif args.platform == "cpu":
-        driver_cpu(args)
-    else:
-        driver_gpu(args)
+    H.dispatch(args, worker=lambda emit, rank0: worker_main(
+        args, cpu=os.environ.get("JAX_NVRAR_PLATFORM") == "cpu", emit=emit, rank0=rank0),
+        under_launcher=direct_under_launcher, cpu=driver_cpu, gpu=driver_gpu)
 
 
 if __name__ == "__main__":

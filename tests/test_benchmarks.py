@@ -4,7 +4,6 @@ check (with a negative control), and the cost model's formulas and fit."""
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,14 +22,8 @@ import cost_model as cm  # noqa: E402
 # --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def functional_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("allreduce")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "allreduce.py"),
-         "--platform", "cpu", "--quick", "--out-dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+def functional_run(cpu_benchmark):
+    return cpu_benchmark("allreduce.py")
 
 
 def test_functional_run_is_correct_and_labelled(functional_run):

@@ -4,7 +4,6 @@ no-communication variant as the negative control), layer planning and the
 full-model prediction of truncated runs."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,13 +20,8 @@ import decode  # noqa: E402  (benchmarks/decode.py; models.decode is a package m
 
 
 @pytest.fixture(scope="module")
-def functional_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("decode")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "decode.py"), "--platform", "cpu",
-         "--quick", "--out-dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def functional_run(cpu_benchmark):
+    out, proc = cpu_benchmark("decode.py")
     payload = json.loads((out / "decode_cpu_functional.json").read_text())
     return out, proc, payload
 
