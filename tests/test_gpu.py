@@ -37,7 +37,7 @@ def extension_built() -> bool:
 @pytest.mark.skipif(gpu_count() < 2, reason="needs 2 or more GPUs")
 @pytest.mark.skipif(not extension_built(), reason="CUDA extension not built")
 @pytest.mark.parametrize("command_buffers", ["off", "on"])
-@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("nproc", [2, 3, 4])  # 3: three nodes of one
 def test_gpu_suite(nproc, command_buffers):
     if nproc > gpu_count():
         pytest.skip(f"needs {nproc} GPUs")
