@@ -38,8 +38,11 @@
 // slot; a call uses seq + 1, and the last of its blocks to have read the old
 // number writes the new one back. It lives in device memory and only kernels
 // advance it, so replaying a captured CUDA graph stays correct and buffers
-// are never reset. Flags from older calls never equal the current number, so
-// stale lines are ignored.
+// are never reset. LL flags from older calls never equal the current number,
+// so stale LL lines are ignored. Raw data of the flag variants lands in the
+// same regions and could, by chance, carry words equal to a later LL call's
+// number; so one slot must not carry both kinds of traffic. jax_nvrar.psum
+// picks LL variants only unless JAX_NVRAR_ALGO names a flag variant.
 //
 // Buffering. A call uses the regions of parity seq & 1. A PE can only be one
 // call ahead of any peer it exchanges with: finishing call k needs data every
@@ -145,7 +148,8 @@ struct Params {
   int steps;              // recursive-doubling steps
   int step_pe[kMaxSteps];
   int pe;
-  int fault;              // testing only: 1 = ignore LL flags (must fail)
+  int fault;              // testing only: 1 = ignore LL and flag-line flags
+                          // (not inter-node signals); results must go wrong
   int64_t timeout_ns;
 };
 
@@ -588,7 +592,7 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
 
 // ------------------------------------------------------------- host launcher
 
-// Default launch shape for a message; the tuning table refines it.
+// Launch shape for a message: variant and block count.
 struct LaunchShape {
   int algo;
   int blocks;
@@ -598,7 +602,9 @@ LaunchShape default_shape(int64_t nbytes, int G, int N, int requested_algo) {
   int algo = requested_algo;
   if (N > 1) algo = kTwoShotLL;  // the hierarchical path starts like two-shot
   // Measured on 4xH100 (benchmarks/results): LL one-shot is fastest to
-  // 64 KB, LL two-shot to 1 MB, flag two-shot beyond.
+  // 64 KB, LL two-shot to 1 MB, flag two-shot beyond. jax_nvrar.psum always
+  // names a variant (LL ones unless told otherwise; see the protocol
+  // comment), so this table serves other callers of the handler.
   if (algo == kAuto) {
     algo = nbytes <= (64 << 10)    ? kOneShotLL
            : nbytes <= (1 << 20)   ? kTwoShotLL

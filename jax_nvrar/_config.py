@@ -27,8 +27,9 @@ VARIABLES = {
         "4", "communicator slots: distinct reduction-group layouts "
              "(e.g. 'tp' and 'dp' of one mesh) a process can use"),
     "JAX_NVRAR_TIMEOUT_S": (
-        "20", "seconds a kernel spin-wait may last before it reports the PE, "
-              "phase and sequence number and traps"),
+        "120", "seconds a kernel spin-wait may last before it reports the PE, "
+               "phase and sequence number and traps (long enough for peers "
+               "still loading weights before their first all-reduce)"),
     "JAX_NVRAR_FAULT_INJECT": (
         "0", "testing only: 1 makes the kernel ignore its arrival flags, so "
              "results must go wrong (the GPU suite's negative control)"),
@@ -39,27 +40,31 @@ VARIABLES = {
 
 
 def get(name: str) -> str:
+    """The variable's value; unset or blank means its default."""
     default, _ = VARIABLES[name]
-    return os.environ.get(name, default).strip()
+    return os.environ.get(name, "").strip() or default
 
 
 def get_choice(name: str, choices: tuple[str, ...]) -> str:
-    value = get(name) or VARIABLES[name][0]
+    value = get(name)
     if value not in choices:
         raise ValueError(
             f"{name}={value!r} is not one of {', '.join(choices)}")
     return value
 
 
-def get_int(name: str, *, minimum: int = 0) -> int | None:
-    """The variable as an int, None when empty; ValueError when malformed."""
+def get_number(name: str, kind=int, *, minimum=0):
+    """The variable as ``kind`` (int or float), None when it has no value
+    and no default; ValueError naming the variable when malformed."""
     value = get(name)
     if not value:
         return None
     try:
-        number = int(value)
+        number = kind(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
+        raise ValueError(
+            f"{name}={value!r} is not a{'n integer' if kind is int else ' number'}"
+        ) from None
     if number < minimum:
         raise ValueError(f"{name}={number} must be >= {minimum}")
     return number

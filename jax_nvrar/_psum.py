@@ -67,7 +67,7 @@ def _reference_lowering(ctx, x, *, axes, node_size, impl, algo):
 
 def _concrete_mesh(axis_context):
     mesh = getattr(axis_context, "mesh", None)
-    if mesh is None or not hasattr(mesh, "devices"):
+    if not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError(
             "backend='nvshmem' needs the concrete device mesh at lowering "
             "time: pass a jax.sharding.Mesh (not an AbstractMesh) to "
@@ -75,7 +75,20 @@ def _concrete_mesh(axis_context):
     return mesh
 
 
+def _kernel_variant(algo: str, nbytes: int) -> str:
+    """The variant a call runs. "auto" picks among the LL variants only: LL
+    lines and the flag variants' raw data share the workspace regions, and a
+    raw vector left there could carry words equal to a later LL call's
+    sequence number, so one slot must not see both. The flag variants run
+    only when JAX_NVRAR_ALGO asks for them (benchmarks)."""
+    if algo != "auto":
+        return algo
+    return "oneshot_ll" if nbytes <= (64 << 10) else "twoshot_ll"
+
+
 def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
+    (aval,) = ctx.avals_in
+    nbytes = math.prod(aval.shape) * aval.dtype.itemsize
     axis_context = ctx.module_context.axis_context
     mesh = _concrete_mesh(axis_context)
     devices = mesh.devices.flat
@@ -88,8 +101,8 @@ def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
         group_size=np.int64(len(groups[0])),
         node_size=np.int64(node_size),
         slot=np.int64(slot),
-        algo=np.int64(_runtime.algo_code(algo)),
-        fault=np.int64(_config.get_int("JAX_NVRAR_FAULT_INJECT") or 0))
+        algo=np.int64(_runtime.algo_code(_kernel_variant(algo, nbytes))),
+        fault=np.int64(_config.get_number("JAX_NVRAR_FAULT_INJECT")))
 
 
 def _lowering(ctx, x, *, impl, **params):
@@ -117,8 +130,6 @@ mlir.register_lowering(allreduce_p, _cuda_lowering, platform="cuda")
 def _normalize_axes(axis_name) -> tuple:
     axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (
         axis_name,)
-    if not axes:
-        raise ValueError("axis_name must name at least one axis")
     for name in axes:
         try:
             lax.axis_size(name)
@@ -140,12 +151,18 @@ def _resolve_backend(backend: str | None) -> str:
     return backend
 
 
-def _resolve_node_size(node_size: int | None, axis_size: int) -> int:
-    if node_size is None:
-        node_size = _config.get_int("JAX_NVRAR_NODE_SIZE", minimum=1)
+def _resolve_node_size(node_size: int | None, axis_size: int,
+                       backend: str) -> int | None:
+    """Devices per node for the NVRAR backends; None where the environment's
+    node size does not fit this axis and backend="auto" may use XLA."""
+    if node_size is not None:
+        return _schedule.make_layout(axis_size, node_size).node_size
+    node_size = _config.get_number("JAX_NVRAR_NODE_SIZE", minimum=1)
     if node_size is None:
         physical = _runtime.node_size()
-        node_size = math.gcd(physical, axis_size) if physical else axis_size
+        return math.gcd(physical, axis_size) if physical else axis_size
+    if backend == "auto" and axis_size % node_size:
+        return None  # a global hint for other axes; this one runs on XLA
     return _schedule.make_layout(axis_size, node_size).node_size
 
 
@@ -162,7 +179,8 @@ def _check_leaf(leaf):
     return dtype
 
 
-def _choose(backend: str, dtype, nbytes: int, axes: tuple) -> str:
+def _choose(backend: str, dtype, nbytes: int, axes: tuple,
+            node_size: int | None) -> str:
     """The backend one leaf runs on. Trace-time only."""
     on_mesh = set(axes) <= _mesh_axes()
     if backend == "nvshmem":
@@ -181,11 +199,20 @@ def _choose(backend: str, dtype, nbytes: int, axes: tuple) -> str:
         return "xla"  # a vmap axis: no devices to permute between
     if backend != "auto":
         return backend
-    limit = _config.get_int("JAX_NVRAR_AUTO_MAX_KB") << 10
+    limit = _config.get_number("JAX_NVRAR_AUTO_MAX_KB") << 10
     if (_runtime.is_available() and on_mesh and nbytes <= limit
-            and np.dtype(dtype) in KERNEL_DTYPES):
+            and node_size is not None and np.dtype(dtype) in KERNEL_DTYPES):
         return "nvshmem"
     return "xla"
+
+
+def _piece_elements(impl: str, axes: tuple, node_size: int,
+                    itemsize: int) -> int | None:
+    """Most elements one kernel launch reduces, None for no limit."""
+    if impl != "nvshmem":
+        return None
+    num_nodes = math.prod(lax.axis_size(a) for a in axes) // node_size
+    return _runtime.max_message_bytes(node_size, num_nodes) // itemsize
 
 
 def _bind(leaf, axes, node_size, impl, algo):
@@ -193,22 +220,18 @@ def _bind(leaf, axes, node_size, impl, algo):
         missing = tuple(a for a in axes if a not in core.typeof(leaf).mat.varying)
         if missing:  # psum of an invariant value: sum of axis_size copies
             leaf = lax.pcast(leaf, missing, to="varying")
-    if impl != "nvshmem":
-        return allreduce_p.bind(leaf, axes=axes, node_size=node_size,
-                                impl=impl, algo=algo)
+    params = dict(axes=axes, node_size=node_size, impl=impl, algo=algo)
+    piece = _piece_elements(impl, axes, node_size, leaf.dtype.itemsize)
+    if piece is None or leaf.size <= piece:
+        return allreduce_p.bind(leaf, **params)
     # A message larger than a workspace slot holds is reduced in pieces.
-    piece = _runtime.max_message_bytes(node_size) // leaf.dtype.itemsize
     flat = leaf.reshape(-1)
-    if flat.size <= piece:
-        return allreduce_p.bind(leaf, axes=axes, node_size=node_size,
-                                impl=impl, algo=algo)
-    parts = [allreduce_p.bind(flat[i:i + piece], axes=axes,
-                              node_size=node_size, impl=impl, algo=algo)
+    parts = [allreduce_p.bind(flat[i:i + piece], **params)
              for i in range(0, flat.size, piece)]
     return jnp.concatenate(parts).reshape(leaf.shape)
 
 
-def psum(x, axis_name, *, backend: str | None = None,
+def psum(x, axis_name, *, axis_index_groups=None, backend: str | None = None,
          node_size: int | None = None):
     """Compute an all-reduce sum on ``x`` over the mapped axis ``axis_name``.
 
@@ -226,6 +249,8 @@ def psum(x, axis_name, *, backend: str | None = None,
         and float16 run on the kernel; other numeric dtypes (and booleans,
         summed as int32) on XLA.
       axis_name: name of the mapped axis to reduce over, or a tuple of names.
+      axis_index_groups: as for :func:`jax.lax.psum`; only XLA implements
+        it, so it needs ``backend`` "auto" or "xla".
       backend: ``"auto"`` (the kernel where it is initialised and fastest for
         the message size, else XLA), ``"xla"`` (:func:`jax.lax.psum`),
         ``"reference"`` (the NVRAR schedule from ``lax.ppermute``, any
@@ -238,7 +263,9 @@ def psum(x, axis_name, *, backend: str | None = None,
 
     Returns:
       Array(s) with the same shape as ``x`` holding the sum over
-      ``axis_name``.
+      ``axis_name``. Half-precision inputs are accumulated in float32 by the
+      NVRAR backends, so their last bit can differ from XLA's psum. The
+      backward pass of the NVRAR backends is psum's own (XLA) transpose.
 
     Example:
       With 4 devices:
@@ -251,20 +278,30 @@ def psum(x, axis_name, *, backend: str | None = None,
     """
     backend = _resolve_backend(backend)
     axes = _normalize_axes(axis_name)
+    if not axes:
+        return x
+    if axis_index_groups is not None:
+        if backend not in ("auto", "xla"):
+            raise ValueError(
+                f"axis_index_groups is implemented by XLA's psum only; got "
+                f"backend={backend!r}. Use backend='auto' or 'xla'")
+        return lax.psum(x, axes, axis_index_groups=axis_index_groups)
     axis_size = math.prod(lax.axis_size(a) for a in axes)
-    node_size = _resolve_node_size(node_size, axis_size)
-    algo = _config.get_choice("JAX_NVRAR_ALGO", _config.ALGOS)
+    if backend != "xla":
+        node_size = _resolve_node_size(node_size, axis_size, backend)
 
     def one(leaf):
         dtype = _check_leaf(leaf)
         if dtype == np.bool_:
             leaf, dtype = jnp.asarray(leaf, np.int32), np.dtype(np.int32)
         nbytes = math.prod(np.shape(leaf)) * dtype.itemsize
-        impl = _choose(backend, dtype, nbytes, axes)
+        impl = _choose(backend, dtype, nbytes, axes, node_size)
         # Nothing to exchange (constants, empty arrays, one device): psum.
         if (impl == "xla" or not isinstance(leaf, core.Tracer)
                 or nbytes == 0 or axis_size == 1):
             return lax.psum(leaf, axes)
+        algo = ("auto" if impl == "reference" else
+                _config.get_choice("JAX_NVRAR_ALGO", _config.ALGOS))
         return _bind(leaf, axes, node_size, impl, algo)
 
     return jax.tree_util.tree_map(one, x)

@@ -1,7 +1,8 @@
 """The NVRAR schedule written with ``lax.ppermute``.
 
-This is the executable specification of the kernel: the same chunking, the
-same partners at every step, the same summation order (sources of a chunk are
+This is the executable specification of the kernel: the same chunk per local
+rank (the kernel counts packets, not elements), the same partners at every
+step, the same summation order (sources of a chunk are
 added in local-rank order with float32 accumulation for half types; the two
 operands of an inter-node step are added commutatively), so every device ends
 with bitwise-identical values. It runs wherever XLA collectives run (CPU

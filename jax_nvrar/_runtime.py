@@ -51,6 +51,7 @@ class _Runtime:
     """Holds the single runtime of this process (NVSHMEM allows one)."""
 
     state: _State | None = None
+    finalized = False
 
 
 def extension_error() -> str | None:
@@ -128,18 +129,25 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
       slots: how many distinct reduction-group layouts may be used
         (default ``$JAX_NVRAR_SLOTS``, 4).
       timeout_s: seconds before a kernel spin-wait reports and traps
-        (default ``$JAX_NVRAR_TIMEOUT_S``, 20).
+        (default ``$JAX_NVRAR_TIMEOUT_S``, 120).
     """
     if _Runtime.state is not None:
         raise RuntimeError("jax_nvrar.initialize() was already called")
+    if _Runtime.finalized:
+        # The unique id's key in the store and NVSHMEM itself are one-shot.
+        raise RuntimeError(
+            "jax_nvrar.initialize() after finalize() is not supported; "
+            "start a new process")
     if _C is None:
         raise RuntimeError(extension_error())
     import jax
 
-    workspace_mb = workspace_mb or _config.get_int(
-        "JAX_NVRAR_WORKSPACE_MB", minimum=1)
-    slots = slots or _config.get_int("JAX_NVRAR_SLOTS", minimum=1)
-    timeout_s = timeout_s or float(_config.get("JAX_NVRAR_TIMEOUT_S"))
+    if workspace_mb is None:
+        workspace_mb = _config.get_number("JAX_NVRAR_WORKSPACE_MB", minimum=1)
+    if slots is None:
+        slots = _config.get_number("JAX_NVRAR_SLOTS", minimum=1)
+    if timeout_s is None:
+        timeout_s = _config.get_number("JAX_NVRAR_TIMEOUT_S", float)
     if workspace_mb < 1 or slots < 1 or timeout_s <= 0:
         raise ValueError(
             f"need workspace_mb >= 1, slots >= 1, timeout_s > 0; got "
@@ -170,10 +178,12 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
 
 
 def finalize() -> None:
-    """Frees the workspace and stops NVSHMEM; initialize() may run again."""
+    """Frees the workspace and stops NVSHMEM (collective: every process
+    calls it). The process cannot initialize() again."""
     if _Runtime.state is None:
         return
     _Runtime.state = None
+    _Runtime.finalized = True
     _C.finalize()
 
 
@@ -197,17 +207,16 @@ def slot_for(groups: tuple[tuple[int, ...], ...]) -> int:
             if len(state.slots) == state.max_slots:
                 raise RuntimeError(
                     f"jax_nvrar uses {state.max_slots} reduction-group "
-                    "layouts already (each distinct set of reduced mesh axes "
-                    "is one); raise JAX_NVRAR_SLOTS or slots= in initialize()")
+                    f"layouts already ({list(state.slots)}; each distinct set "
+                    "of reduced mesh axes is one); raise JAX_NVRAR_SLOTS or "
+                    "slots= in initialize()")
             state.slots[groups] = len(state.slots)
         return state.slots[groups]
 
 
-def max_message_bytes(node_size: int) -> int:
-    """Largest message one kernel launch reduces with this node size."""
-    state = require()
-    return _C.max_message_bytes(state.slot_bytes, node_size,
-                                max(1, state.n_pes // node_size))
+def max_message_bytes(node_size: int, num_nodes: int) -> int:
+    """Largest message one kernel launch reduces for this group layout."""
+    return _C.max_message_bytes(require().slot_bytes, node_size, num_nodes)
 
 
 def algo_code(algo: str) -> int:

@@ -1,9 +1,10 @@
 """The NVRAR schedule: who talks to whom, and which chunk each device owns.
 
-One description of the algorithm, shared by the pure-JAX reference backend
-(``_reference.py``) and the CUDA kernel's host launcher (which receives the
-same group layout as attributes). Everything here is a small pure function of
-integers so it can be unit-tested without devices.
+One description of the algorithm: the pure-JAX reference backend
+(``_reference.py``) is built from it, and the CUDA kernel's host launcher
+(``make_plan`` in ``csrc/allreduce.cu``) follows the same layout, partners and
+fold, on the group table it receives as attributes. Everything here is a small
+pure function of integers so it can be unit-tested without devices.
 
 Terms. A reduction group has ``n = num_nodes * node_size`` members, numbered
 ``0..n-1`` in axis-index order. Members ``[k*node_size, (k+1)*node_size)``
@@ -66,7 +67,8 @@ def chunk_bounds(count: int, parts: int, index: int) -> tuple[int, int]:
     """Half-open element range ``[start, stop)`` of chunk ``index``.
 
     Chunks are ``ceil(count / parts)`` long, so trailing chunks may be short
-    or empty; this is the split the kernel uses too.
+    or empty. The kernel splits the same way, counting 8-byte packets (LL
+    lines) or 16-byte vectors (flag lines) instead of elements.
     """
     if not 0 <= index < parts:
         raise ValueError(f"chunk index {index} out of range for {parts} parts")
@@ -134,16 +136,18 @@ def inter_node_pairs(layout: Layout, node_map) -> list[tuple[int, int]]:
 
 def fold_pairs(layout: Layout) -> list[tuple[int, int]]:
     """Extra nodes send their chunk to their fold partner."""
-    p = largest_power_of_two_at_most(layout.num_nodes)
+    core = largest_power_of_two_at_most(layout.num_nodes)
     return inter_node_pairs(
-        layout, lambda k: k - p if k >= p else None)
+        layout,
+        lambda k: fold_partner(k, layout.num_nodes) if k >= core else None)
 
 
 def unfold_pairs(layout: Layout) -> list[tuple[int, int]]:
     """Fold partners send the finished chunk back to the extra nodes."""
-    p = largest_power_of_two_at_most(layout.num_nodes)
+    core = largest_power_of_two_at_most(layout.num_nodes)
     return inter_node_pairs(
-        layout, lambda k: k + p if k < layout.num_nodes - p else None)
+        layout,
+        lambda k: fold_partner(k, layout.num_nodes) if k < core else None)
 
 
 def doubling_pairs(layout: Layout, step: int) -> list[tuple[int, int]]:

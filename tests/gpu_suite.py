@@ -93,7 +93,7 @@ def run(mesh, fn, x, in_spec=P("tp"), out_spec=P("tp"), check_vma=False):
 
 
 def local_rows(y):
-    """This process's shards, as float64 and as raw bits."""
+    """This process's shards, as numpy arrays."""
     shards = [np.asarray(s.data) for s in y.addressable_shards]
     return shards
 

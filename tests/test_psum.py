@@ -12,9 +12,10 @@ from jax.sharding import PartitionSpec as P
 
 import jax_nvrar
 
-BACKENDS = ["xla", "reference", "auto"]
+# On CPU "xla" and "auto" are lax.psum itself, so correctness is checked on
+# the reference backend; routing has its own tests below.
+BACKENDS = ["reference"]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-POISON = -12345
 
 
 def mesh_of(shape, names):
@@ -57,7 +58,6 @@ def test_integer_valued_matches_lax_psum(dtype, backend, node_size, check_vma):
     want = reduce_with(lambda v: lax.psum(v, "tp"), mesh, P("tp"), x,
                        check_vma=check_vma)
     assert_same(ours, want)
-    assert not np.any(np.asarray(ours, np.float64) == POISON)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,7 +90,7 @@ def test_random_floats_within_rounding(dtype, node_size):
     assert np.all(err <= bound), float((err / magnitude).max())
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference"])
 def test_bitwise_identical_on_every_device(backend):
     mesh = mesh_of((8,), ("tp",))
     x = jax.random.normal(jax.random.key(7), (8, 513), jnp.bfloat16)
@@ -363,7 +363,7 @@ def test_negative_control_broken_unfold_is_caught(monkeypatch):
     assert (rows[:4] == want).all() and not (rows[4:] == want).all()
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "xla"])
 def test_axis_of_one_device_is_the_identity(backend):
     # One device (e.g. one GPU): psum's answer, no communication.
     mesh = mesh_of((1,), ("tp",))
@@ -371,3 +371,62 @@ def test_axis_of_one_device_is_the_identity(backend):
     ours = reduce_with(lambda v: jax_nvrar.psum(v, "tp", backend=backend),
                        mesh, P("tp"), x)
     np.testing.assert_array_equal(ours, x)
+
+
+def test_node_size_variable_does_not_break_other_axes(monkeypatch):
+    # A global node size that fits 'tp' (4) but not 'dp' (2): XLA and auto
+    # still reduce over 'dp'; the NVRAR backends say what is wrong.
+    monkeypatch.setenv("JAX_NVRAR_NODE_SIZE", "4")
+    mesh = mesh_of((2, 4), ("dp", "tp"))
+    x = integer_valued((2, 4, 3), jnp.float32, seed=10)
+    spec, out_spec = P("dp", "tp"), P(None, "tp")
+    want = reduce_with(lambda v: lax.psum(v, "dp"), mesh, spec, x,
+                       out_spec=out_spec)
+    for backend in ("xla", "auto"):
+        ours = reduce_with(lambda v: jax_nvrar.psum(v, "dp", backend=backend),
+                           mesh, spec, x, out_spec=out_spec)
+        assert_same(ours, want)
+    with pytest.raises(ValueError, match="node_size=4 does not divide"):
+        reduce_with(lambda v: jax_nvrar.psum(v, "dp", backend="reference"),
+                    mesh, spec, x, out_spec=out_spec)
+
+
+def test_blank_and_malformed_variables(monkeypatch):
+    monkeypatch.setenv("JAX_NVRAR_AUTO_MAX_KB", "")  # blank: the default
+    monkeypatch.setenv("JAX_NVRAR_BACKEND", " ")
+    assert "psum" in str(trace(lambda v: jax_nvrar.psum(v, "tp")))
+    monkeypatch.setenv("JAX_NVRAR_AUTO_MAX_KB", "lots")
+    with pytest.raises(ValueError, match="JAX_NVRAR_AUTO_MAX_KB='lots'"):
+        trace(lambda v: jax_nvrar.psum(v, "tp"))
+
+
+def test_axis_index_groups_and_empty_axes():
+    mesh = mesh_of((8,), ("tp",))
+    x = integer_valued((8, 3), jnp.float32, seed=11)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    ours = reduce_with(
+        lambda v: jax_nvrar.psum(v, "tp", axis_index_groups=groups), mesh,
+        P("tp"), x, check_vma=False, out_spec=P("tp"))
+    want = reduce_with(lambda v: lax.psum(v, "tp", axis_index_groups=groups),
+                       mesh, P("tp"), x, check_vma=False, out_spec=P("tp"))
+    assert_same(ours, want)
+    with pytest.raises(ValueError, match="axis_index_groups"):
+        trace(lambda v: jax_nvrar.psum(v, "tp", axis_index_groups=groups,
+                                       backend="reference"))
+    assert jax_nvrar.psum(x, ()) is x
+
+
+def test_large_messages_are_reduced_in_pieces(monkeypatch):
+    # Pieces of 7 elements for a 40-element message: 6 launches, one ragged.
+    from jax_nvrar import _psum
+    monkeypatch.setattr(_psum, "_piece_elements", lambda *args: 7)
+    mesh = mesh_of((8,), ("tp",))
+    x = integer_valued((8, 5, 8), jnp.bfloat16, seed=12)
+
+    def body(v):
+        return jax_nvrar.psum(v, "tp", backend="reference", node_size=2)
+
+    jaxpr = str(trace(body, x))
+    assert jaxpr.count("nvrar_allreduce[") == 6
+    assert_same(reduce_with(body, mesh, P("tp"), x),
+                reduce_with(lambda v: lax.psum(v, "tp"), mesh, P("tp"), x))
