@@ -75,6 +75,11 @@ def _concrete_mesh(axis_context):
     return mesh
 
 
+def _pe_of(device) -> int:
+    """The NVSHMEM PE driving a device: one process per GPU, PE = process."""
+    return device.process_index
+
+
 def _kernel_variant(algo: str, nbytes: int) -> str:
     """The variant a call runs. "auto" picks among the LL variants only: LL
     lines and the flag variants' raw data share the workspace regions, and a
@@ -92,7 +97,8 @@ def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
     axis_context = ctx.module_context.axis_context
     mesh = _concrete_mesh(axis_context)
     devices = mesh.devices.flat
-    groups = tuple(tuple(devices[i].process_index for i in group)
+    # psum's replica groups (positions in the mesh), as NVSHMEM PEs.
+    groups = tuple(tuple(_pe_of(devices[i]) for i in group)
                    for group in pxla.axis_groups(axis_context, axes))
     slot = _runtime.slot_for(groups)
     return jax.ffi.ffi_lowering(_FFI_TARGET)(

@@ -430,3 +430,38 @@ def test_large_messages_are_reduced_in_pieces(monkeypatch):
     assert jaxpr.count("nvrar_allreduce[") == 6
     assert_same(reduce_with(body, mesh, P("tp"), x),
                 reduce_with(lambda v: lax.psum(v, "tp"), mesh, P("tp"), x))
+
+
+class _FakeRuntime:
+    """Enough of an initialised runtime to lower backend='nvshmem' on CPU."""
+
+    slot_bytes = 128 << 20
+
+
+@pytest.mark.parametrize("axes,groups", [
+    ("tp", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("dp", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    (("dp", "tp"), [[0, 1, 2, 3, 4, 5, 6, 7]]),
+])
+def test_kernel_lowering_carries_the_group_table(monkeypatch, axes, groups):
+    # The custom call gets psum's replica groups of the mesh (devices stand
+    # in for PEs here), the node size and an LL variant by message size.
+    from jax_nvrar import _psum, _runtime
+    monkeypatch.setattr(_runtime, "require", lambda: _FakeRuntime)
+    monkeypatch.setattr(_runtime, "slot_for", lambda table: 0)
+    monkeypatch.setattr(_runtime, "max_message_bytes", lambda g, n: 1 << 30)
+    monkeypatch.setattr(_psum, "_pe_of", lambda device: device.id)
+    mesh = mesh_of((2, 4), ("dp", "tp"))
+    spec = P("dp", "tp")
+    f = jax.jit(jax.shard_map(
+        lambda v: jax_nvrar.psum(v, axes, backend="nvshmem", node_size=2),
+        mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    x = jax.ShapeDtypeStruct((2, 4, 40000), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, spec))
+    text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    call = next(l for l in text.splitlines() if "@nvrar_allreduce" in l)
+    flat = ", ".join(str(pe) for group in groups for pe in group)
+    assert f"groups = dense<[{flat}]>" in call
+    assert f"group_size = {len(groups[0])} : i64" in call
+    assert "node_size = 2 : i64" in call
+    assert "algo = 2 : i64" in call  # 80 KB per device: LL two-shot
