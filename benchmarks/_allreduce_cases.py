@@ -30,7 +30,8 @@ AXIS = "tp"
 BACKENDS = ("xla", "xla_ck", "nvshmem4py", "reference", "nvshmem")
 #: JAX_NVRAR_ALGO values: single-node kernel variants ("auto" is labelled
 #: plain "nvshmem"). Extend here when the kernel grows a variant.
-ALGOS = ("auto", "oneshot", "twoshot", "oneshot_ll", "twoshot_ll")
+ALGOS = ("auto", "oneshot", "twoshot", "oneshot_ll", "twoshot_ll",
+         "oneshot_lamport", "twoshot_lamport")
 #: Llama 3.1 hidden sizes: decode all-reduces are batch x hidden.
 DECODE_MODELS = {"8B": 4096, "70B": 8192, "405B": 16384}
 #: Significand bits (with the implicit one): integers below 2**bits are exact.

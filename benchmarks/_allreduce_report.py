@@ -129,7 +129,9 @@ def _style(label: str) -> dict:
     colours = {"xla": "black", "xla_ck": "grey", "nvshmem4py": "tab:purple",
                "reference": "tab:blue", "nvshmem": "tab:red",
                "nvshmem:oneshot": "tab:orange", "nvshmem:twoshot": "tab:green",
-               "nvshmem:oneshot_ll": "gold", "nvshmem:twoshot_ll": "tab:olive"}
+               "nvshmem:oneshot_ll": "gold", "nvshmem:twoshot_ll": "tab:olive",
+               "nvshmem:oneshot_lamport": "tab:pink",
+               "nvshmem:twoshot_lamport": "tab:brown"}
     nodes = Layout.parse(layout).nodes
     return {"color": colours.get(backend),
             "linestyle": {1: "-", 2: "--"}.get(nodes, ":")}

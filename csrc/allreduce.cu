@@ -110,6 +110,8 @@ enum Algo : int {
   kTwoShotLL = 2,
   kOneShotFlag = 3,
   kTwoShotFlag = 4,
+  kOneShotLamport = 5,
+  kTwoShotLamport = 6,
 };
 enum Role : int { kPlain = 0, kFoldReceiver = 1, kFoldSender = 2 };
 enum Phase : int { kOneShotPhase, kReduceScatter, kAllGather, kInterNode };
@@ -136,6 +138,8 @@ struct Params {
   int64_t inter_bytes;    // bytes per (parity, step) of an inter-node region
   uint4* ll_a[kMaxLocal]; // region A of every local peer (parity 0)
   uint4* ll_b[kMaxLocal]; // region B of every local peer (parity 0)
+  uint4* lp[kMaxLocal];   // Lamport region of every local peer (parity 0)
+  int64_t lp_vecs;        // 16-byte vectors per parity of a Lamport region
   char* recv;             // this PE's inter-node receive region (symmetric)
   char* stage;            // this PE's inter-node stage region (symmetric)
   Header* header;         // this PE's slot header (symmetric)
@@ -220,6 +224,19 @@ __device__ __forceinline__ void wait_signal(const uint64_t* sig, uint32_t seq,
     if (now_ns() - start > (uint64_t)p.timeout_ns)
       report_timeout(p, kInterNode, seq, index);
   }
+}
+
+// Counts this block in; returns how many blocks came before. Release: the
+// block's reads of the sequence number (ordered before by the barrier) come
+// before it. The caller acquires (fence) before acting on the count, so the
+// round trip overlaps the block's work.
+__device__ __forceinline__ uint32_t arrive(uint32_t* counter) {
+  uint32_t old;
+  asm volatile("atom.release.gpu.global.add.u32 %0, [%1], 1;"
+               : "=r"(old)
+               : "l"(counter)
+               : "memory");
+  return old;
 }
 
 __device__ __forceinline__ void post_flag(uint32_t* flag, uint32_t seq) {
@@ -469,6 +486,157 @@ __device__ void twoshot_flag(const Params& p, uint32_t seq, int parity) {
       store_vec(p, s * C + i, __ldcg(gathered + s * C + i));
 }
 
+// ------------------------------------------------------------ Lamport lines
+//
+// A Lamport region holds plain data, and "empty" is a value: the 32-bit word
+// kEmpty (-0.0f). Regions start empty; a writer stores its 16-byte vectors
+// and nothing else; the reader polls its own region until no word of the
+// vector is kEmpty, and empties it again right after reading. No flag and no
+// sequence number travel: the payload is 100% of the bytes moved, with the
+// one-way latency of LL lines. A payload word equal to kEmpty is sent as 0
+// (scrub): for float32 that is -0.0 sent as +0.0; for 16-bit types only the
+// pair (+0, -0) is affected, sent as (+0, +0). The sign of a zero sum can
+// therefore differ from lax.psum's; its value cannot. Every PE reduces the
+// same scrubbed words, so results stay bitwise identical across PEs.
+//
+// Reuse: call k reads and empties the parity k & 1 of its region; a peer
+// writes that parity again in call k + 2, which it starts only after this PE
+// finished call k + 1 (see Buffering) and so after the emptying stores of
+// call k were performed (kernel boundary).
+
+constexpr uint32_t kEmpty = 0x80000000u;
+
+__device__ __forceinline__ uint32_t scrub(uint32_t w) {
+  return w == kEmpty ? 0u : w;
+}
+__device__ __forceinline__ uint4 scrub(uint4 v) {
+  return make_uint4(scrub(v.x), scrub(v.y), scrub(v.z), scrub(v.w));
+}
+__device__ __forceinline__ bool filled(uint4 v) {
+  return v.x != kEmpty && v.y != kEmpty && v.z != kEmpty && v.w != kEmpty;
+}
+
+__device__ __forceinline__ void store_vec_remote(uint4* dst, uint4 v) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst),
+               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Waits until the vector at src is filled, empties it, returns it. With the
+// fault switch the value is taken without waiting (it must then be wrong);
+// the real wait and emptying still happen so later calls stay clean.
+__device__ __forceinline__ uint4 take_vec(uint4* src, const Params& p,
+                                          Phase phase, uint32_t seq,
+                                          int64_t index) {
+  uint4 v = load_line(src);
+  const uint4 early = v;
+  if (!filled(v)) {
+    const uint64_t start = now_ns();
+    for (uint32_t polls = 1; !filled(v); ++polls) {
+      v = load_line(src);
+      if (polls % 256 == 0 && now_ns() - start > (uint64_t)p.timeout_ns)
+        report_timeout(p, phase, seq, index);
+    }
+  }
+  *src = make_uint4(kEmpty, kEmpty, kEmpty, kEmpty);
+  return p.fault ? early : v;
+}
+
+// float32 accumulators for the 16 bytes of one vector.
+template <typename T>
+struct VecSum {
+  static constexpr int n = Lanes<T>::n;
+  float lo[n], hi[n];
+  __device__ void set(uint4 v) {
+    Lanes<T>::unpack(make_uint2(v.x, v.y), lo);
+    Lanes<T>::unpack(make_uint2(v.z, v.w), hi);
+  }
+  __device__ void add(uint4 v) {
+    float f[n];
+    Lanes<T>::unpack(make_uint2(v.x, v.y), f);
+#pragma unroll
+    for (int k = 0; k < n; ++k) lo[k] += f[k];
+    Lanes<T>::unpack(make_uint2(v.z, v.w), f);
+#pragma unroll
+    for (int k = 0; k < n; ++k) hi[k] += f[k];
+  }
+  __device__ uint4 get() const {
+    const uint2 a = Lanes<T>::pack(lo), b = Lanes<T>::pack(hi);
+    return make_uint4(a.x, a.y, b.x, b.y);
+  }
+};
+
+// Purpose: one-shot all-reduce on Lamport lines: each PE stores its whole
+// (scrubbed) input into every peer's region, slot `me`; each PE sums the G
+// inputs in local-rank order, its own from registers.
+// Requirement: G * vectors fits one parity of the Lamport region.
+// Use-case: one node, small and mid-size messages.
+template <typename T>
+__device__ void oneshot_lamport(const Params& p, uint32_t seq, int parity) {
+  const int G = p.node_size, me = p.local_rank;
+  const int64_t V = (p.nbytes + kVec - 1) / kVec;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
+  const int64_t base = parity * p.lp_vecs;
+  for (int64_t i = tid; i < V; i += nthreads) {
+    const uint4 v = scrub(load_vec(p, i));
+    for (int k = 1; k < G; ++k) {
+      const int j = (me + k) % G;  // spread the stores over the links
+      store_vec_remote(p.lp[j] + base + me * V + i, v);
+    }
+  }
+  uint4* mine = p.lp[me] + base;
+  for (int64_t i = tid; i < V; i += nthreads) {
+    VecSum<T> acc;
+    for (int s = 0; s < G; ++s) {
+      const uint4 v = s == me ? scrub(load_vec(p, i))
+                              : take_vec(mine + s * V + i, p, kOneShotPhase,
+                                         seq, i);
+      if (s == 0) acc.set(v); else acc.add(v);
+    }
+    store_vec(p, i, acc.get());
+  }
+}
+
+// Purpose: two-shot all-reduce on Lamport lines: reduce-scatter (chunk j of
+// every PE goes to local rank j, slot = source), all-gather of the reduced
+// chunks (second half of the region, indexed like the message).
+// Requirement: 2 * G * ceil(vectors / G) fits one parity of the region.
+// Use-case: one node, messages where one-shot moves too many bytes.
+template <typename T>
+__device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
+  const int G = p.node_size, me = p.local_rank;
+  const int64_t V = (p.nbytes + kVec - 1) / kVec;
+  const int64_t C = (V + G - 1) / G;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
+  const int64_t base = parity * p.lp_vecs, gather = base + G * C;
+  for (int64_t i = tid; i < V; i += nthreads) {
+    const int64_t j = i / C;
+    if (j != me)
+      store_vec_remote(p.lp[j] + base + me * C + (i - j * C),
+                       scrub(load_vec(p, i)));
+  }
+  uint4* mine = p.lp[me];
+  const int64_t own = imin(C, V - me * C);
+  for (int64_t t = tid; t < own; t += nthreads) {
+    VecSum<T> acc;
+    for (int s = 0; s < G; ++s) {
+      const uint4 v = s == me ? scrub(load_vec(p, me * C + t))
+                              : take_vec(mine + base + s * C + t, p,
+                                         kReduceScatter, seq, t);
+      if (s == 0) acc.set(v); else acc.add(v);
+    }
+    const uint4 r = scrub(acc.get());
+    for (int k = 1; k < G; ++k)
+      store_vec_remote(p.lp[(me + k) % G] + gather + me * C + t, r);
+    store_vec(p, me * C + t, r);
+  }
+  for (int64_t i = tid; i < V; i += nthreads)
+    if (i / C != me)
+      store_vec(p, i, take_vec(mine + gather + i, p, kAllGather, seq, i));
+}
+
 // Inter-node phase for this block's slice [lo, hi) of the chunk, whose
 // node-reduced packets are in stage region 0. Returns where the group-reduced
 // slice ends up (indexed by packet like the chunk).
@@ -528,14 +696,12 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   const uint32_t seq =
       *reinterpret_cast<volatile uint32_t*>(&p.header->seq) + 1;
-  // Once every block has read the number, the last to arrive advances it;
-  // the next launch on this stream starts after this one ends.
+  // Once every block has read the number, the last to arrive advances it
+  // (at the end of the kernel, so the atomic's round trip overlaps the
+  // work); the next launch on this stream starts after this one ends.
   __syncthreads();
-  if (threadIdx.x == 0 &&
-      atomicAdd(&p.header->blocks_done, 1u) == gridDim.x - 1) {
-    p.header->blocks_done = 0;
-    *reinterpret_cast<volatile uint32_t*>(&p.header->seq) = seq;
-  }
+  uint32_t ticket = 0;
+  if (threadIdx.x == 0) ticket = arrive(&p.header->blocks_done);
   const int parity = seq & 1;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
@@ -544,7 +710,11 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   const uint4* my_a = p.ll_a[me] + base;
   const uint4* my_b = p.ll_b[me] + base;
 
-  if (p.algo == kOneShotFlag) {
+  if (p.algo == kOneShotLamport) {
+    oneshot_lamport<T>(p, seq, parity);
+  } else if (p.algo == kTwoShotLamport) {
+    twoshot_lamport<T>(p, seq, parity);
+  } else if (p.algo == kOneShotFlag) {
     oneshot_flag<T>(p, seq, parity);
   } else if (p.algo == kTwoShotFlag) {
     twoshot_flag<T>(p, seq, parity);
@@ -588,34 +758,61 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   }
 
   if (threadIdx.x == 0 && (p.steps > 0 || p.role != kPlain)) nvshmem_quiet();
+  if (threadIdx.x == 0 && ticket == gridDim.x - 1) {
+    __threadfence();  // acquire: every block has read the old number
+    p.header->blocks_done = 0;
+    *reinterpret_cast<volatile uint32_t*>(&p.header->seq) = seq;
+  }
 }
 
 // ------------------------------------------------------------- host launcher
 
-// Launch shape for a message: variant and block count.
-struct LaunchShape {
-  int algo;
+// The variant a call runs: the one asked for, or for kAuto the default
+// table; the hierarchical path (N > 1) always starts like LL two-shot. Then
+// a variant whose region is too small for the message hands it to the next
+// one that fits (the same sum; every PE makes the same choice).
+// Measured on 4xH100 (benchmarks/results): Lamport one-shot is fastest to
+// 512 KB, Lamport two-shot above. jax_nvrar.psum always names a variant (the
+// same table), so this one serves other callers of the handler.
+int pick_variant(const Params& p, int G, int N, int requested) {
+  if (N > 1) return kTwoShotLL;
+  int algo = requested;
+  if (algo == kAuto)
+    algo = p.nbytes <= (512 << 10) ? kOneShotLamport : kTwoShotLamport;
+  const int64_t vecs = (p.nbytes + kVec - 1) / kVec;
+  const int64_t chunk_vecs = (vecs + G - 1) / G;
+  if (algo == kOneShotLamport && G * vecs > p.lp_vecs) algo = kTwoShotLamport;
+  if (algo == kTwoShotLamport && 2 * G * chunk_vecs > p.lp_vecs) algo = kTwoShotLL;
+  if (algo == kOneShotLL && G * p.packets > p.ll_packets) algo = kTwoShotLL;
+  if (algo == kOneShotFlag && G * vecs > p.ll_packets) algo = kTwoShotFlag;
+  return algo;
+}
+
+// Grid of a launch: enough threads for a few units of work each.
+struct Grid {
   int blocks;
+  int threads;
 };
 
-LaunchShape default_shape(int64_t nbytes, int G, int N, int requested_algo) {
-  int algo = requested_algo;
-  if (N > 1) algo = kTwoShotLL;  // the hierarchical path starts like two-shot
-  // Measured on 4xH100 (benchmarks/results): LL one-shot is fastest to
-  // 64 KB, LL two-shot to 1 MB, flag two-shot beyond. jax_nvrar.psum always
-  // names a variant (LL ones unless told otherwise; see the protocol
-  // comment), so this table serves other callers of the handler.
-  if (algo == kAuto) {
-    algo = nbytes <= (64 << 10)    ? kOneShotLL
-           : nbytes <= (1 << 20)   ? kTwoShotLL
-                                   : kTwoShotFlag;
+Grid launch_grid(int algo, int64_t nbytes) {
+  if (algo == kOneShotLamport || algo == kTwoShotLamport) {
+    // One 16-byte vector per thread, in small blocks up to 256 KB: the
+    // stores then leave from many SMs at once.
+    const int64_t vecs = (nbytes + kVec - 1) / kVec;
+    const int threads = vecs <= 128 * kMaxBlocks ? 128 : kThreads;
+    const int64_t blocks = (vecs + threads - 1) / threads;
+    return {int(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks))), threads};
   }
-  const bool ll = algo == kOneShotLL || algo == kTwoShotLL;
-  const int64_t units = (nbytes + kPayload - 1) / kPayload / (ll ? 1 : 2);
-  const int64_t per_thread = algo == kOneShotLL ? 2 : 4;
-  int64_t blocks = (units + kThreads * per_thread - 1) / (kThreads * per_thread);
-  blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, algo == kOneShotLL ? 32 : 64));
-  return {algo, int(blocks)};
+  int64_t units, per_thread, cap;
+  if (algo == kOneShotLL || algo == kTwoShotLL) {
+    units = (nbytes + kPayload - 1) / kPayload;
+    per_thread = algo == kOneShotLL ? 2 : 4;
+    cap = algo == kOneShotLL ? 32 : 64;
+  } else {
+    units = (nbytes + kVec - 1) / kVec, per_thread = 4, cap = 64;
+  }
+  const int64_t blocks = (units + kThreads * per_thread - 1) / (kThreads * per_thread);
+  return {int(std::max<int64_t>(1, std::min<int64_t>(blocks, cap))), kThreads};
 }
 
 // Per (slot, node_size, group) state computed once: peers and partners.
@@ -674,7 +871,9 @@ ffi::ErrorOr<Plan> make_plan(const Runtime& rt, const std::vector<int64_t>& grou
     p.peer_header[j] = reinterpret_cast<Header*>(remote);
     p.ll_a[j] = reinterpret_cast<uint4*>(remote + layout.a_offset());
     p.ll_b[j] = reinterpret_cast<uint4*>(remote + layout.b_offset());
+    p.lp[j] = reinterpret_cast<uint4*>(remote + layout.lamport_offset());
   }
+  p.lp_vecs = int64_t(layout.lamport_bytes / 2 / sizeof(uint4));
   p.ll_packets = int64_t(layout.ll_bytes / 2 / sizeof(uint4));
   p.inter_bytes = int64_t(layout.inter_bytes / (2 * kMaxSteps)) / 16 * 16;
   p.recv = slot_base + layout.recv_offset();
@@ -755,17 +954,14 @@ ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
   p.packets = (nbytes + kPayload - 1) / kPayload;
   p.chunk = (p.packets + G - 1) / G;
   p.fault = int(fault);
-  LaunchShape shape = default_shape(nbytes, G, N, int(algo));
-  const int64_t vecs = (nbytes + kVec - 1) / kVec;
-  if (shape.algo == kOneShotLL && G * p.packets > p.ll_packets) shape.algo = kTwoShotLL;
-  if (shape.algo == kOneShotFlag && G * vecs > p.ll_packets) shape.algo = kTwoShotFlag;
   if (G * p.chunk > p.ll_packets || (N > 1 && p.chunk * kPayload > p.inter_bytes))
     return ffi::Error::InvalidArgument(
         "jax_nvrar: a message of " + std::to_string(nbytes) +
         " bytes exceeds the workspace slot; jax_nvrar.psum splits larger "
         "messages, so this call bypassed it");
-  p.algo = shape.algo;
-  allreduce_kernel<T><<<shape.blocks, kThreads, 0, stream>>>(p);
+  p.algo = pick_variant(p, G, N, int(algo));
+  const Grid grid = launch_grid(p.algo, nbytes);
+  allreduce_kernel<T><<<grid.blocks, grid.threads, 0, stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_nvrar: kernel launch failed: ") +
@@ -812,10 +1008,14 @@ void forget_plans() {
 }
 
 SlotLayout slot_layout(size_t slot_bytes) {
+  // Six units: LL regions A and B, inter-node receive and stage, and two for
+  // the Lamport region (it carries 16 payload bytes per 16 stored).
   const size_t rest = slot_bytes > kHeaderBytes ? slot_bytes - kHeaderBytes : 0;
-  const size_t quarter = rest / 4 / 4096 * 4096;
-  return SlotLayout{kHeaderBytes, quarter, quarter};
+  const size_t unit = rest / 6 / 4096 * 4096;
+  return SlotLayout{kHeaderBytes, unit, unit, 2 * unit};
 }
+
+uint32_t lamport_empty_word() { return kEmpty; }
 
 size_t max_message_bytes(size_t slot_bytes, int node_size, int num_nodes) {
   const SlotLayout layout = slot_layout(slot_bytes);

@@ -26,6 +26,12 @@ void check_cuda(cudaError_t err, const char* what) {
                              cudaGetErrorString(err));
 }
 
+__global__ void fill_words(uint32_t* dst, size_t words, uint32_t value) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < words;
+       i += size_t(gridDim.x) * blockDim.x)
+    dst[i] = value;
+}
+
 }  // namespace
 
 Runtime& runtime() {
@@ -78,8 +84,16 @@ void init(const std::string& uid, int rank, int nranks, int device,
         " bytes failed; raise NVSHMEM_SYMMETRIC_SIZE or lower the workspace");
   }
   check_cuda(cudaMemset(workspace, 0, total), "cudaMemset");
+  const SlotLayout layout = slot_layout(slot_bytes);
+  for (int s = 0; s < slots; ++s) {
+    fill_words<<<256, 256>>>(reinterpret_cast<uint32_t*>(
+                                 workspace + s * slot_bytes + layout.lamport_offset()),
+                             layout.lamport_bytes / 4, lamport_empty_word());
+    check_cuda(cudaGetLastError(), "filling the Lamport regions");
+  }
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  nvshmem_barrier_all();  // no PE writes into a peer's slot before it is zero
+  // No PE writes into a peer's slot before it is initialised.
+  nvshmem_barrier_all();
 
   rt.pe = nvshmem_my_pe();
   rt.n_pes = nvshmem_n_pes();

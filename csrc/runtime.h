@@ -13,18 +13,24 @@ namespace jax_nvrar {
 // A slot serves one reduction-group layout (e.g. the 'tp' groups of a mesh).
 // Its symmetric bytes, at the same offset on every PE, are laid out as
 //   [Header][LL receive A][LL receive B][inter-node receive][inter-node stage]
+//   [Lamport receive]
 // Header, receive and stage sizes are fixed by the slot size; see SlotLayout.
 struct SlotLayout {
   size_t header_bytes;
-  size_t ll_bytes;     // each of the two LL regions, both parities
-  size_t inter_bytes;  // each of the two inter-node regions, all steps/parities
+  size_t ll_bytes;       // each of the two LL regions, both parities
+  size_t inter_bytes;    // each of the two inter-node regions, all steps/parities
+  size_t lamport_bytes;  // the Lamport region, both parities
   size_t a_offset() const { return header_bytes; }
   size_t b_offset() const { return header_bytes + ll_bytes; }
   size_t recv_offset() const { return header_bytes + 2 * ll_bytes; }
   size_t stage_offset() const { return recv_offset() + inter_bytes; }
+  size_t lamport_offset() const { return stage_offset() + inter_bytes; }
 };
 
 SlotLayout slot_layout(size_t slot_bytes);
+// The 32-bit word that marks an empty Lamport line; regions start filled
+// with it.
+uint32_t lamport_empty_word();
 
 struct Runtime {
   bool initialized = false;

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 BACKENDS = ("auto", "xla", "reference", "nvshmem")
-ALGOS = ("auto", "oneshot", "twoshot", "oneshot_ll", "twoshot_ll")
+ALGOS = ("auto", "oneshot", "twoshot", "oneshot_ll", "twoshot_ll",
+         "oneshot_lamport", "twoshot_lamport")
 
 #: name -> (default, meaning). Defaults are strings, as the environment holds.
 VARIABLES = {
@@ -20,7 +21,8 @@ VARIABLES = {
             "the runtime, else the whole axis is one node"),
     "JAX_NVRAR_ALGO": (
         "auto", "single-node kernel variant: auto, oneshot, twoshot (flag "
-                "lines), oneshot_ll or twoshot_ll (LL lines)"),
+                "lines), oneshot_ll, twoshot_ll (LL lines), oneshot_lamport "
+                "or twoshot_lamport (Lamport lines)"),
     "JAX_NVRAR_WORKSPACE_MB": (
         "128", "symmetric workspace per communicator slot, in MiB"),
     "JAX_NVRAR_SLOTS": (
@@ -34,8 +36,12 @@ VARIABLES = {
         "0", "testing only: 1 makes the kernel ignore its arrival flags, so "
              "results must go wrong (the GPU suite's negative control)"),
     "JAX_NVRAR_AUTO_MAX_KB": (
-        "512", "backend='auto' uses the kernel up to this message size (KiB) "
-               "and XLA's psum above it (the measured crossover on 4xH100)"),
+        "2048", "backend='auto' uses the kernel on one node up to this "
+                "message size (KiB) and XLA's psum above it (the measured "
+                "crossover on 4xH100)"),
+    "JAX_NVRAR_AUTO_MAX_KB_NODES": (
+        "512", "the same limit where the group spans several (virtual) "
+               "nodes: the hierarchical path (measured on 2x2 virtual nodes)"),
 }
 
 

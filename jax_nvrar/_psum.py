@@ -81,14 +81,16 @@ def _pe_of(device) -> int:
 
 
 def _kernel_variant(algo: str, nbytes: int) -> str:
-    """The variant a call runs. "auto" picks among the LL variants only: LL
-    lines and the flag variants' raw data share the workspace regions, and a
-    raw vector left there could carry words equal to a later LL call's
-    sequence number, so one slot must not see both. The flag variants run
-    only when JAX_NVRAR_ALGO asks for them (benchmarks)."""
+    """The variant a call runs on one node (several nodes always take the
+    hierarchical path). "auto": Lamport one-shot up to 512 KB, Lamport
+    two-shot above (the sweep in benchmarks/results). Lamport lines have a
+    region of their own; LL lines and the flag variants' raw data share
+    regions, and a raw vector left there could carry words equal to a later
+    LL call's sequence number, so the flag variants run only when
+    JAX_NVRAR_ALGO asks for them (benchmarks)."""
     if algo != "auto":
         return algo
-    return "oneshot_ll" if nbytes <= (64 << 10) else "twoshot_ll"
+    return "oneshot_lamport" if nbytes <= (512 << 10) else "twoshot_lamport"
 
 
 def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
@@ -186,7 +188,7 @@ def _check_leaf(leaf):
 
 
 def _choose(backend: str, dtype, nbytes: int, axes: tuple,
-            node_size: int | None) -> str:
+            node_size: int | None, axis_size: int) -> str:
     """The backend one leaf runs on. Trace-time only."""
     on_mesh = set(axes) <= _mesh_axes()
     if backend == "nvshmem":
@@ -205,9 +207,12 @@ def _choose(backend: str, dtype, nbytes: int, axes: tuple,
         return "xla"  # a vmap axis: no devices to permute between
     if backend != "auto":
         return backend
-    limit = _config.get_number("JAX_NVRAR_AUTO_MAX_KB") << 10
+    if node_size is None:
+        return "xla"
+    limit = _config.get_number("JAX_NVRAR_AUTO_MAX_KB" if node_size == axis_size
+                               else "JAX_NVRAR_AUTO_MAX_KB_NODES") << 10
     if (_runtime.is_available() and on_mesh and nbytes <= limit
-            and node_size is not None and np.dtype(dtype) in KERNEL_DTYPES):
+            and np.dtype(dtype) in KERNEL_DTYPES):
         return "nvshmem"
     return "xla"
 
@@ -301,7 +306,7 @@ def psum(x, axis_name, *, axis_index_groups=None, backend: str | None = None,
         if dtype == np.bool_:
             leaf, dtype = jnp.asarray(leaf, np.int32), np.dtype(np.int32)
         nbytes = math.prod(np.shape(leaf)) * dtype.itemsize
-        impl = _choose(backend, dtype, nbytes, axes, node_size)
+        impl = _choose(backend, dtype, nbytes, axes, node_size, axis_size)
         # Nothing to exchange (constants, empty arrays, one device): psum.
         if (impl == "xla" or not isinstance(leaf, core.Tracer)
                 or nbytes == 0 or axis_size == 1):

@@ -33,7 +33,7 @@ except ImportError as error:  # built without CUDA, or NVSHMEM not loadable
 _UID_KEY = "jax_nvrar/nvshmem_unique_id"
 # The kernel's Algo enum (csrc/allreduce.cu).
 _ALGO_CODES = {"auto": 0, "oneshot_ll": 1, "twoshot_ll": 2, "oneshot": 3,
-               "twoshot": 4}
+               "twoshot": 4, "oneshot_lamport": 5, "twoshot_lamport": 6}
 
 
 @dataclasses.dataclass

@@ -25,6 +25,8 @@ Environment of each child (the launcher's own environment is passed through):
   JAX_PLATFORMS=cpu           on the cpu platform, unless set.
   PYTHONUNBUFFERED=1          when output passes through the launcher, unless set, so that lines
                               appear as they are printed rather than when a buffer fills.
+  PYTHONFAULTHANDLER=1        unless set: a process that crashes (e.g. SIGSEGV) prints its Python
+                              stack, so the rank and the call that died are known.
 
 Failure handling: the launcher exits with the first non-zero exit code of any process (128+N for a
 process killed by signal N). When one process fails, the others get SIGTERM and, after
@@ -378,6 +380,7 @@ def _child_environ(job: _Job, local_rank: int) -> dict[str, str]:
         env.setdefault("JAX_PLATFORMS", "cpu")
     if job.prefix or job.log_dir:
         env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("PYTHONFAULTHANDLER", "1")
     return env
 
 

@@ -34,7 +34,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
 # Elements per device: 1 element to 8 MB of bf16, odd sizes included.
 SIZES = [1, 3, 7, 8, 33, 1000, 4095, 65537, 262144, 1 << 20, 4 << 20]
 QUICK_SIZES = [1, 7, 4095, 65537, 1 << 20]
-ALGOS = ["oneshot_ll", "twoshot_ll", "oneshot", "twoshot"]
+ALGOS = ["oneshot_ll", "twoshot_ll", "oneshot", "twoshot", "oneshot_lamport",
+         "twoshot_lamport"]
 
 
 class Suite:
@@ -201,7 +202,7 @@ def check_stale_outputs(suite, n, node_size):
                 "consecutive outputs", body)
 
 
-def check_many_calls(suite, n, node_size, calls):
+def check_many_calls(suite, n, node_size, calls, algo="auto"):
     """Back-to-back calls in one program: sequence numbers and buffer reuse.
     Each step stays integer-valued and small, so results are exact."""
     mesh = mesh_1d(n)
@@ -217,6 +218,13 @@ def check_many_calls(suite, n, node_size, calls):
         return per_device
 
     def body():
+        os.environ["JAX_NVRAR_ALGO"] = algo  # read at trace time
+        try:
+            return loops()
+        finally:
+            os.environ["JAX_NVRAR_ALGO"] = "auto"
+
+    def loops():
         x = global_array(mesh, jnp.float32, 5003, 77)
         for kind in ("fori", "scan"):
             ours = run(mesh, loop(lambda c: jax_nvrar.psum(
@@ -227,8 +235,8 @@ def check_many_calls(suite, n, node_size, calls):
                 return f"{kind}: {problem}"
         return None
 
-    suite.check(f"{n} PEs, {n // node_size}x{node_size}: {calls} "
-                "back-to-back calls in fori_loop and scan", body)
+    suite.check(f"{n} PEs, {n // node_size}x{node_size}, algo {algo}: "
+                f"{calls} back-to-back calls in fori_loop and scan", body)
 
 
 def check_two_axis_mesh(suite):
@@ -291,13 +299,15 @@ def check_auto(suite, n):
     suite.check(f"{n} PEs: backend='auto' uses the kernel", body)
 
 
-def check_negative_control(suite, n, node_size):
-    """With the arrival flags ignored, results must go wrong: proof that the
-    comparisons above can fail and that the flags carry the protocol."""
+def check_negative_control(suite, n, node_size, algo="auto"):
+    """With arrivals not awaited (flags ignored; Lamport lines read without
+    waiting), results must go wrong: proof that the comparisons above can
+    fail and that the arrival checks carry the protocol."""
     mesh = mesh_1d(n)
 
     def body():
         os.environ["JAX_NVRAR_FAULT_INJECT"] = "1"
+        os.environ["JAX_NVRAR_ALGO"] = algo  # read at trace time
         try:
             wrong = 0
             for seed in range(3):
@@ -308,13 +318,14 @@ def check_negative_control(suite, n, node_size):
                 wrong += compare(ours, want, bitwise=False) is not None
         finally:
             os.environ["JAX_NVRAR_FAULT_INJECT"] = "0"
+            os.environ["JAX_NVRAR_ALGO"] = "auto"
         flags = multihost_utils.process_allgather(np.int32(wrong))
         if flags.max() == 0:
-            return "ignoring the flags went unnoticed: the checks have no teeth"
+            return "ignoring arrivals went unnoticed: the checks have no teeth"
         return None
 
-    suite.check(f"{n} PEs, {n // node_size}x{node_size}: negative control "
-                "(flags ignored -> wrong results)", body)
+    suite.check(f"{n} PEs, {n // node_size}x{node_size}, algo {algo}: "
+                "negative control (arrivals ignored -> wrong results)", body)
 
 
 def main():
@@ -344,6 +355,9 @@ def main():
             check_stale_outputs(suite, n, node_size)
         if "calls" in groups:
             check_many_calls(suite, n, node_size, args.calls)
+            if node_size == n:
+                for algo in ("oneshot_lamport", "twoshot_lamport"):
+                    check_many_calls(suite, n, node_size, args.calls, algo)
     if "mesh" in groups:
         check_two_axis_mesh(suite)
     if "vma" in groups:
@@ -351,7 +365,8 @@ def main():
     if "auto" in groups:
         check_auto(suite, n)
     if "negative" in groups:
-        check_negative_control(suite, n, layouts[0])
+        for algo in ["auto"] + ALGOS:
+            check_negative_control(suite, n, layouts[0], algo)
     suite.log(f"{suite.count - len(suite.failures)} passed, "
               f"{len(suite.failures)} failed")
     jax_nvrar.finalize()

@@ -445,7 +445,7 @@ class _FakeRuntime:
 ])
 def test_kernel_lowering_carries_the_group_table(monkeypatch, axes, groups):
     # The custom call gets psum's replica groups of the mesh (devices stand
-    # in for PEs here), the node size and an LL variant by message size.
+    # in for PEs here), the node size and a Lamport variant by message size.
     from jax_nvrar import _psum, _runtime
     monkeypatch.setattr(_runtime, "require", lambda: _FakeRuntime)
     monkeypatch.setattr(_runtime, "slot_for", lambda table: 0)
@@ -464,4 +464,4 @@ def test_kernel_lowering_carries_the_group_table(monkeypatch, axes, groups):
     assert f"groups = dense<[{flat}]>" in call
     assert f"group_size = {len(groups[0])} : i64" in call
     assert "node_size = 2 : i64" in call
-    assert "algo = 2 : i64" in call  # 80 KB per device: LL two-shot
+    assert "algo = 5 : i64" in call  # 80 KB per device: Lamport one-shot
