@@ -1,6 +1,7 @@
 """Alpha-beta cost model of multi-node all-reduce: where does NVRAR stop winning?
 
-    python benchmarks/cost_model.py benchmarks/results/allreduce.json
+    python benchmarks/cost_model.py benchmarks/results/allreduce.json \
+        [more sweeps of the same machine, e.g. allreduce_large.json]
 
 Everything this prints for more than one node is a PREDICTION. The
 intra-node parameters are fitted to a measured single-node sweep written by
@@ -39,9 +40,11 @@ separated from per-step latency, and it is the main limit of the model.
 
 Fitting: for each measured backend, (alpha_i, beta_i) by least squares on
 relative error over all sizes of its 1xp layouts (p = 2 and 4 together):
-xla -> ring, nvshmem:oneshot -> oneshot, nvshmem:twoshot -> twoshot,
-nvshmem -> nvrar. Multi-node ring and tree use the xla fit, nvrar the
-twoshot fit (its intra phases), falling back to what was measured.
+xla -> ring, the kernel's one-shot variants -> oneshot, its two-shot
+variants -> twoshot, nvshmem (the default variant) -> nvrar. Multi-node ring
+and tree use the xla fit, nvrar the LL two-shot fit (the variant of its
+intra phases), oneshot and twoshot the fastest kernel variant of their kind
+(Lamport lines), each falling back to what was measured.
 Validation: the fitted formulas against every measured point (median / max
 relative error), and, out of sample, nvrar on the *virtual* layouts 2x2 and
 4x1, whose "inter-node" steps run on NVLink (inter link = intra fit).
@@ -80,13 +83,19 @@ import _harness as H  # noqa: E402
 ALGORITHMS = ("ring", "tree", "oneshot", "twoshot", "nvrar")
 #: measured backend -> the formula it is fitted with.
 FIT_FORMS = {"xla": "ring", "nvshmem:oneshot": "oneshot",
-             "nvshmem:twoshot": "twoshot", "nvshmem": "nvrar"}
+             "nvshmem:twoshot": "twoshot", "nvshmem:oneshot_ll": "oneshot",
+             "nvshmem:twoshot_ll": "twoshot",
+             "nvshmem:oneshot_lamport": "oneshot",
+             "nvshmem:twoshot_lamport": "twoshot", "nvshmem": "nvrar"}
 #: which fitted backend supplies each algorithm's intra-node link, in order
 #: of preference.
 INTRA_SOURCE = {"ring": ("xla",), "tree": ("xla",),
-                "oneshot": ("nvshmem:oneshot", "nvshmem", "xla"),
-                "twoshot": ("nvshmem:twoshot", "nvshmem", "xla"),
-                "nvrar": ("nvshmem:twoshot", "nvshmem", "xla")}
+                "oneshot": ("nvshmem:oneshot_lamport", "nvshmem:oneshot",
+                            "nvshmem", "xla"),
+                "twoshot": ("nvshmem:twoshot_lamport", "nvshmem:twoshot",
+                            "nvshmem", "xla"),
+                "nvrar": ("nvshmem:twoshot_ll", "nvshmem:twoshot", "nvshmem",
+                          "xla")}
 MEASURED_KINDS = ("performance",)
 
 
@@ -216,6 +225,22 @@ def load_sweep(path: Path, *, allow_test_input: bool) -> dict:
             "predicts nothing. Pass --allow-test-input to exercise the model "
             "anyway (outputs are then labelled as such).")
     return payload
+
+
+def load_sweeps(paths: list, *, allow_test_input: bool) -> dict:
+    """One payload from several sweeps of one machine: the first's metadata,
+    every file's results (each tagged with its file), the kind "performance"
+    only if every file is a measurement."""
+    payloads = [load_sweep(p, allow_test_input=allow_test_input)
+                for p in paths]
+    merged = dict(payloads[0])
+    merged["results"] = [dict(r, source=str(path)) for path, payload
+                         in zip(paths, payloads)
+                         for r in payload.get("results", [])]
+    kinds = {payload.get("kind") for payload in payloads}
+    merged["kind"] = kinds.pop() if len(kinds) == 1 else "mixed"
+    merged["sources"] = [str(p) for p in paths]
+    return merged
 
 
 def measured_points(payload: dict, dtype: str) -> list[dict]:
@@ -502,7 +527,8 @@ def run(sweep: dict, *, dtype: str, p: int, nodes: list[int],
         "test_input": test_input,
         "source": {"kind": sweep.get("kind"), "dtype": dtype,
                    "device": device,
-                   "command": sweep.get("env", {}).get("command")},
+                   "command": sweep.get("env", {}).get("command"),
+                   "files": sweep.get("sources")},
         "gpus_per_node": p, "nodes": nodes, "sizes": sizes,
         "nic_efficiency": nic_efficiency,
         "fits": {b: {"form": f["form"], "alpha_us": f["link"].alpha,
@@ -536,7 +562,9 @@ def parse_inter(items: list[str]) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sweep", help="JSON written by benchmarks/allreduce.py")
+    p.add_argument("sweep", nargs="+",
+                   help="JSON written by benchmarks/allreduce.py (several: "
+                        "their points are fitted together)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--gpus-per-node", type=int, default=4)
     p.add_argument("--nodes", default="1,2,3,4,6,8,12,16,24,32,48,64")
@@ -555,7 +583,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if not 0 < args.nic_efficiency <= 1:
         p.error("--nic-efficiency must be in (0, 1]")
-    sweep = load_sweep(args.sweep, allow_test_input=args.allow_test_input)
+    sweep = load_sweeps(args.sweep, allow_test_input=args.allow_test_input)
     test_input = sweep.get("kind") not in MEASURED_KINDS
     every = parse_inter(args.inter)
     names = H.parse_list(args.interconnects) + [i.split("=")[0]

@@ -9,10 +9,11 @@
 // own group in it.
 //
 // Buffers. Each PE owns one symmetric workspace slot per group layout (see
-// runtime.h): two LL receive regions A and B, and for the inter-node phase a
-// receive region and a stage region, every region split by parity. Only the
-// owner reads its receive regions; peers write them: LL regions through
-// nvshmem_ptr() stores over NVLink, inter-node regions through NVSHMEM puts.
+// runtime.h): two LL receive regions A and B, for the inter-node phase a
+// receive region and a stage region, and a Lamport receive region, every
+// region split by parity. Only the owner reads its receive regions; peers
+// write them: LL and Lamport regions through nvshmem_ptr() stores over
+// NVLink, inter-node regions through NVSHMEM puts.
 //
 // Packets. Intra-node data travel as LL lines of 16 bytes written with one
 // 16-byte store: {data0, flag, data1, flag}, 8 payload bytes, flag = the
@@ -50,12 +51,18 @@
 // completed on its stream. So when a PE writes call k + 2 into the parity of
 // call k, every reader of that parity is done with call k.
 //
+// Lamport lines (the default on one node; see the section before
+// oneshot_lamport): plain data in a region kept "empty" between uses, no
+// flags.
+//
 // Phases (one launch; no host synchronisation, no NVSHMEM collectives):
 //   one-shot  (N = 1, small): every PE stores its whole input into every
-//             peer's region A; each PE sums the G copies. LL or flag lines.
+//             peer's region A (Lamport: the Lamport region); each PE sums
+//             the G copies. Lamport, LL or flag lines.
 //   two-shot  (N = 1): reduce-scatter through region A (chunk j goes to local
-//             rank j), all-gather of the reduced chunks through region B.
-//             LL or flag lines.
+//             rank j), all-gather of the reduced chunks through region B
+//             (Lamport: both halves of the Lamport region). Lamport, LL or
+//             flag lines.
 //   hierarchical (N > 1): reduce-scatter as two-shot; then recursive doubling
 //             between equal local ranks of the N nodes on the chunk, each
 //             block on its own slice of the chunk, non-power-of-two N folded
@@ -68,7 +75,10 @@
 // bitwise-identical results, equal to the reference backend's.
 //
 // Failure. Every spin-wait has a timeout (jax_nvrar.initialize's timeout_s):
-// it prints the PE, block, phase and sequence number and traps.
+// it prints the PE, block, phase and sequence number and traps. Testing: the
+// fault switch makes the LL and flag waits return at once and the Lamport
+// reads take what is there before waiting (the wait and emptying still run,
+// so later calls stay clean); results must then go wrong.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -152,7 +162,7 @@ struct Params {
   int steps;              // recursive-doubling steps
   int step_pe[kMaxSteps];
   int pe;
-  int fault;              // testing only: 1 = ignore LL and flag-line flags
+  int fault;              // testing only: 1 = use data before it arrived
                           // (not inter-node signals); results must go wrong
   int64_t timeout_ns;
 };

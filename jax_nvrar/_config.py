@@ -33,10 +33,11 @@ VARIABLES = {
                "phase and sequence number and traps (long enough for peers "
                "still loading weights before their first all-reduce)"),
     "JAX_NVRAR_FAULT_INJECT": (
-        "0", "testing only: 1 makes the kernel ignore its arrival flags, so "
-             "results must go wrong (the GPU suite's negative control)"),
+        "0", "testing only: 1 makes the kernel use data without waiting for "
+             "it to arrive, so results must go wrong (the GPU suite's "
+             "negative control)"),
     "JAX_NVRAR_AUTO_MAX_KB": (
-        "2048", "backend='auto' uses the kernel on one node up to this "
+        "4096", "backend='auto' uses the kernel on one node up to this "
                 "message size (KiB) and XLA's psum above it (the measured "
                 "crossover on 4xH100)"),
     "JAX_NVRAR_AUTO_MAX_KB_NODES": (

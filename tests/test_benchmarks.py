@@ -141,7 +141,7 @@ def test_series_per_group():
     variants = [(f"nvshmem:{a}", "1x4") for a in cases.ALGOS if a != "auto"]
     assert labels == [("xla", "1x4"), ("reference", "1x4"), ("nvshmem", "1x4"),
                       *variants, ("reference", "2x2"), ("nvshmem", "2x2")]
-    assert len(variants) == 4
+    assert len(variants) == 6
     assert [s.label for s in cases.group_series(
         "xla_ck", layouts, set(cases.BACKENDS), cases.ALGOS)] == ["xla_ck"]
     with pytest.raises(ValueError):

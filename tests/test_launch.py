@@ -26,7 +26,7 @@ TIMEOUT_S = 60
 
 def _env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("NVSHMEM_DISABLE_NVLS", "NCCL_NVLS_ENABLE")}
+           if k not in ("NVSHMEM_DISABLE_NVLS", "NCCL_NVLS_ENABLE", "PYTHONFAULTHANDLER")}
     # Children import jax_nvrar.launch; make that work from a checkout that is not installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["JAX_PLATFORMS"] = "cpu"
@@ -116,7 +116,8 @@ def test_child_environment_and_module_mode(tmp_path):
         import jax
         names = ["NVSHMEM_DISABLE_NVLS", "NCCL_NVLS_ENABLE", "JAX_NVRAR_NUM_PROCESSES",
                  "JAX_NVRAR_PROCESS_ID", "JAX_NVRAR_LOCAL_RANK", "JAX_NVRAR_LOCAL_WORLD_SIZE",
-                 "JAX_NVRAR_NODE_RANK", "JAX_NVRAR_NUM_NODES", "JAX_NVRAR_PLATFORM"]
+                 "JAX_NVRAR_NODE_RANK", "JAX_NVRAR_NUM_NODES", "JAX_NVRAR_PLATFORM",
+                 "PYTHONFAULTHANDLER"]
         values = {n: os.environ.get(n) for n in names}
         values["argv"] = sys.argv[1:]
         values["process_index"] = jax.process_index()
@@ -133,7 +134,22 @@ def test_child_environment_and_module_mode(tmp_path):
             "JAX_NVRAR_NUM_PROCESSES": "2", "JAX_NVRAR_PROCESS_ID": str(rank),
             "JAX_NVRAR_LOCAL_RANK": str(rank), "JAX_NVRAR_LOCAL_WORLD_SIZE": "2",
             "JAX_NVRAR_NODE_RANK": "0", "JAX_NVRAR_NUM_NODES": "1", "JAX_NVRAR_PLATFORM": "cpu",
-            "argv": ["-x", "1"], "process_index": rank}
+            "PYTHONFAULTHANDLER": "1", "argv": ["-x", "1"], "process_index": rank}
+
+
+def test_a_crash_names_its_rank_and_python_stack(tmp_path):
+    _write(tmp_path, "crash.py", """
+        import ctypes
+        import jax
+        def deliberate_crash():
+            if jax.process_index() == 1:
+                ctypes.string_at(0)  # SIGSEGV
+        deliberate_crash()
+    """)
+    result = _launch(tmp_path, "crash.py", env=_env())
+    assert result.returncode == 128 + 11, result.stderr
+    assert "[rank 1] Fatal Python error: Segmentation fault" in result.stderr, result.stderr
+    assert "deliberate_crash" in result.stderr, result.stderr
 
 
 def test_sigint_is_forwarded(tmp_path):

@@ -465,3 +465,27 @@ def test_kernel_lowering_carries_the_group_table(monkeypatch, axes, groups):
     assert f"group_size = {len(groups[0])} : i64" in call
     assert "node_size = 2 : i64" in call
     assert "algo = 5 : i64" in call  # 80 KB per device: Lamport one-shot
+
+
+@pytest.mark.parametrize("node_size,kib,kernel", [
+    (4, 4096, True), (4, 4097, False),   # one node: JAX_NVRAR_AUTO_MAX_KB
+    (2, 512, True), (2, 513, False),     # two nodes: ..._AUTO_MAX_KB_NODES
+])
+def test_auto_routes_by_size_and_layout(monkeypatch, node_size, kib, kernel):
+    # backend="auto" takes the kernel up to the crossover measured for the
+    # group's layout and lax.psum above it (lowered for CUDA on the CPU).
+    from jax_nvrar import _psum, _runtime
+    monkeypatch.setattr(_runtime, "is_available", lambda: True)
+    monkeypatch.setattr(_runtime, "require", lambda: _FakeRuntime)
+    monkeypatch.setattr(_runtime, "slot_for", lambda table: 0)
+    monkeypatch.setattr(_runtime, "max_message_bytes", lambda g, n: 1 << 30)
+    monkeypatch.setattr(_psum, "_pe_of", lambda device: device.id)
+    mesh = mesh_of((4,), ("tp",))
+    f = jax.jit(jax.shard_map(
+        lambda v: jax_nvrar.psum(v, "tp", node_size=node_size),
+        mesh=mesh, in_specs=P("tp"), out_specs=P("tp"), check_vma=False))
+    x = jax.ShapeDtypeStruct((4, kib * 512), jnp.bfloat16,  # kib KiB each
+                             sharding=NamedSharding(mesh, P("tp")))
+    text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("@nvrar_allreduce" in text) == kernel
+    assert ("all_reduce" in text) == (not kernel)
