@@ -18,6 +18,7 @@ XLA_PYTHON_CLIENT_MEM_FRACTION if it does not).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 
@@ -115,12 +116,44 @@ def _share_unique_id(client, process_id: int, timeout_ms: int) -> bytes:
     return client.blocking_key_value_get_bytes(_UID_KEY, timeout_ms)
 
 
+#: Settings that every process must share: the workspace layout (symmetric
+#: allocations must match) and what psum decides at trace time (ranks that
+#: lower different variants or routes would wait for each other forever).
+_SHARED_VARIABLES = ("JAX_NVRAR_BACKEND", "JAX_NVRAR_NODE_SIZE",
+                     "JAX_NVRAR_ALGO", "JAX_NVRAR_AUTO_MAX_KB",
+                     "JAX_NVRAR_AUTO_MAX_KB_NODES", "JAX_NVRAR_FAULT_INJECT")
+
+
+def _agree_on_settings(client, process_id: int, n_processes: int,
+                       settings: dict, timeout_ms: int) -> None:
+    """Publishes this process's settings in the key-value store and compares
+    them with process 0's (process 0: with everyone's). Raises, naming the
+    setting and both values, where they differ."""
+    key = "jax_nvrar/settings/{}"
+    client.key_value_set(key.format(process_id), json.dumps(settings))
+    others = range(1, n_processes) if process_id == 0 else (0,)
+    for other in others:
+        theirs = json.loads(client.blocking_key_value_get(key.format(other),
+                                                          timeout_ms))
+        for name in sorted(set(settings) | set(theirs)):
+            if settings.get(name) != theirs.get(name):
+                raise RuntimeError(
+                    f"jax_nvrar: processes disagree about {name}: "
+                    f"{settings.get(name)!r} in process {process_id}, "
+                    f"{theirs.get(name)!r} in process {other}. Every process "
+                    "must use the same settings (the launcher passes its "
+                    "environment to all of them)")
+
+
 def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
                timeout_s: float | None = None) -> None:
     """Starts NVSHMEM for this process and allocates the symmetric workspace.
 
     Call after ``jax.distributed.initialize()`` (the launcher does that) and
     before the first JAX operation, once per process. One process per GPU.
+    Every process must pass the same arguments and have the same
+    ``JAX_NVRAR_*`` settings; a difference raises RuntimeError before
+    NVSHMEM starts.
 
     Args:
       workspace_mb: symmetric workspace per communicator slot in MiB
@@ -154,8 +187,13 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
             f"{workspace_mb}, {slots}, {timeout_s}")
     dist = _distributed_state()
     process_id, n_processes = dist.process_id, dist.num_processes
-    uid = _share_unique_id(dist.client, process_id,
-                           timeout_ms=int(1000 * max(60, timeout_s)))
+    timeout_ms = int(1000 * max(60, timeout_s))
+    settings = {"workspace_mb": workspace_mb, "slots": slots,
+                "timeout_s": timeout_s}
+    settings.update({name: _config.get(name) for name in _SHARED_VARIABLES})
+    _agree_on_settings(dist.client, process_id, n_processes, settings,
+                       timeout_ms)
+    uid = _share_unique_id(dist.client, process_id, timeout_ms=timeout_ms)
     slot_bytes = workspace_mb << 20
     _C.init(uid, process_id, n_processes, _local_gpu(), slot_bytes, slots,
             timeout_s)

@@ -226,3 +226,34 @@ def test_visible_gpu_count(monkeypatch, visible, count):
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert launch._visible_gpu_count() == count
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_settings_are_compared_through_the_real_store(tmp_path, differ):
+    # initialize() compares every process's settings through jax.distributed's
+    # key-value store before NVSHMEM starts; here with the real store.
+    _write(tmp_path, "agree.py", f"""
+        import os
+        import jax
+        from jax._src import distributed
+        from jax_nvrar import _config, _runtime
+        pid = jax.process_index()
+        if {differ} and pid == 1:
+            os.environ["JAX_NVRAR_ALGO"] = "oneshot_ll"
+        settings = {{name: _config.get(name) for name in _runtime._SHARED_VARIABLES}}
+        try:
+            _runtime._agree_on_settings(distributed.global_state.client, pid,
+                                        jax.process_count(), settings, 20000)
+            print("AGREE ok", flush=True)
+        except RuntimeError as error:
+            print("AGREE", error, flush=True)
+    """)
+    result = _launch(tmp_path, "agree.py", env=_env(JAX_NVRAR_ALGO="auto"))
+    assert result.returncode == 0, result.stderr
+    lines = _rank_lines(result.stdout, "AGREE")
+    assert sorted(lines) == [0, 1], result.stdout
+    for line in lines.values():
+        if differ:
+            assert line.startswith("jax_nvrar: processes disagree about JAX_NVRAR_ALGO: "), line
+        else:
+            assert line == "ok"
