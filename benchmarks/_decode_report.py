@@ -1,9 +1,11 @@
 """Merging, derived columns, tables and plots of decode.py results.
 
 ``merge`` joins the JSON-lines records of every group into one payload;
-``derive`` adds what needs two rows (speedup over XLA's psum, all-reduce
-share against the no-communication variant, full-model predictions of
-truncated models) and can be re-run on merged payloads; ``write_outputs``
+``derive`` adds the pipelined decode step (e2e minus TTFT over the decode
+steps: the device time per step without a host synchronisation after each)
+and what needs two rows (speedup over XLA's psum, all-reduce share against
+the no-communication variant, full-model predictions of truncated models),
+and can be re-run on merged payloads; ``write_outputs``
 writes PREFIX.json, PREFIX.md (also printed on stdout) and PREFIX.png.
 """
 
@@ -16,9 +18,12 @@ import _harness as H
 from _decode_cases import BACKENDS, NOCOMM_NOTE
 
 PREDICTION = "PREDICTION (extrapolated from truncated runs, not measured)"
-TIME_KEYS = ("ttft_ms", "step_median_ms", "step_mean_ms")
+#: The step time that speedups, shares and rates use (see _pipelined).
+STEP = "step_pipelined_ms"
+TIME_KEYS = ("ttft_ms", "step_median_ms", "step_mean_ms", "step_pipelined_ms")
 DERIVED = ("step_speedup", "e2e_speedup", "ttft_speedup", "ar_share_step_pct",
-           "ar_share_ttft_pct")
+           "ar_share_ttft_pct", "step_pipelined_ms", "pipelined_tokens_per_s",
+           "pipelined_hbm_gbps", "pipelined_roofline_pct")
 
 
 def merge(records_by_group: dict, groups_meta: list, skipped: list, meta: dict) -> dict:
@@ -65,12 +70,29 @@ def _speedups(rows, baseline, shares_from) -> None:
     for r in rows:
         base, bare = baseline.get(_key(r)), shares_from.get(_key(r))
         if base and r["backend"] not in ("xla", "nocomm"):
-            r["step_speedup"] = base["step_median_ms"] / r["step_median_ms"]
+            r["step_speedup"] = base[STEP] / r[STEP]
             r["ttft_speedup"] = base["ttft_ms"] / r["ttft_ms"]
             r["e2e_speedup"] = base["e2e_ms"] / r["e2e_ms"]
         if bare and r["backend"] != "nocomm":
-            r["ar_share_step_pct"] = 100 * (1 - bare["step_median_ms"] / r["step_median_ms"])
+            r["ar_share_step_pct"] = 100 * (1 - bare[STEP] / r[STEP])
             r["ar_share_ttft_pct"] = 100 * (1 - bare["ttft_ms"] / r["ttft_ms"])
+
+
+def _pipelined(r) -> None:
+    """The decode step without a host synchronisation after each: (e2e -
+    TTFT) / decode steps, and the rates that follow from it. A step time
+    measured with a synchronisation after every step also carries the host's
+    round trip and the slowest rank's jitter of each step."""
+    steps = r["gen_len"] - 1
+    if steps < 1:
+        return
+    r["step_pipelined_ms"] = (r["e2e_ms"] - r["ttft_ms"]) / steps
+    seconds = r["step_pipelined_ms"] / 1e3
+    r["pipelined_tokens_per_s"] = r["batch"] / seconds
+    if "weight_read_bytes" in r:
+        r["pipelined_hbm_gbps"] = (r["weight_read_bytes"] + r["kv_read_bytes"]) / seconds / 1e9
+        if r.get("copy_gbps"):
+            r["pipelined_roofline_pct"] = 100 * r["pipelined_hbm_gbps"] / r["copy_gbps"]
 
 
 def _predict(main: dict, fit: dict | None) -> dict | None:
@@ -81,6 +103,8 @@ def _predict(main: dict, fit: dict | None) -> dict | None:
                                  "gen_len", "backend", "variant", "layout", "group")}
     pred.update(label=PREDICTION, measured_layers=layers, full_layers=full, role="main")
     for k in TIME_KEYS:
+        if k not in main or (fit is not None and k not in fit):
+            continue  # no decode step (gen_len 1): no pipelined step
         if layers == 1:
             per_layer, fixed = main[k], 0.0
         elif fit is not None:
@@ -94,8 +118,9 @@ def _predict(main: dict, fit: dict | None) -> dict | None:
                       "N times)" if layers == 1 else
                       f"linear fit through the {layers}-layer and 1-layer runs, "
                       f"extrapolated to {full} layers")
-    pred["e2e_ms"] = pred["ttft_ms"] + (main["gen_len"] - 1) * pred["step_median_ms"]
-    pred["tokens_per_s"] = main["batch"] / pred["step_median_ms"] * 1e3
+    if STEP in pred:
+        pred["e2e_ms"] = pred["ttft_ms"] + (main["gen_len"] - 1) * pred[STEP]
+        pred["tokens_per_s"] = main["batch"] / pred[STEP] * 1e3
     pred["layers"] = full
     return pred
 
@@ -106,6 +131,7 @@ def derive(payload: dict) -> dict:
     for r in ok:
         for k in DERIVED:
             r.pop(k, None)
+        _pipelined(r)
     _speedups(ok, {_key(r): r for r in ok if r["backend"] == "xla"},
               {_key(r): r for r in ok if r["backend"] == "nocomm"})
     fits = {_case(r) + (r["variant"],): r for r in ok if r["role"] == "fit"}
@@ -149,10 +175,11 @@ def _variant_cell(v: str) -> str:
 
 COLUMNS = (
     ("batch", "batch", "d"), ("variant", "backend", _variant_cell),
-    ("ttft_ms", "TTFT (ms)", ".2f"), ("step_mean_ms", "step mean (ms)", ".3f"),
-    ("step_median_ms", "step median (ms)", ".3f"), ("e2e_ms", "e2e batch (ms)", ".1f"),
-    ("tokens_per_s", "decode tok/s", ".0f"), ("hbm_gbps", "HBM (GB/s)", ".1f"),
-    ("roofline_pct", "% of copy bw", ".0f"),
+    ("ttft_ms", "TTFT (ms)", ".2f"), ("step_median_ms", "step, synced (ms)", ".3f"),
+    ("step_pipelined_ms", "step (ms)", ".3f"), ("e2e_ms", "e2e batch (ms)", ".1f"),
+    ("pipelined_tokens_per_s", "decode tok/s", ".0f"),
+    ("pipelined_hbm_gbps", "HBM (GB/s)", ".1f"),
+    ("pipelined_roofline_pct", "% of copy bw", ".0f"),
     ("ar_share_step_pct", "all-reduce % of step", ".0f"),
     ("ar_share_ttft_pct", "all-reduce % of TTFT", ".0f"),
     ("step_speedup", "step vs xla", ".2f"), ("e2e_speedup", "e2e vs xla", ".2f"),
@@ -162,8 +189,8 @@ PRED_COLUMNS = (
     ("model", "model", "s"), ("tp", "TP", "d"), ("workload", "workload", "s"),
     ("batch", "batch", "d"), ("variant", "backend", _variant_cell),
     ("measured_layers", "layers run", "d"), ("full_layers", "layers", "d"),
-    ("per_layer_step_median_ms", "per-layer step (ms)", ".4f"),
-    ("step_median_ms", "pred. step (ms)", ".2f"), ("ttft_ms", "pred. TTFT (ms)", ".1f"),
+    ("per_layer_step_pipelined_ms", "per-layer step (ms)", ".4f"),
+    ("step_pipelined_ms", "pred. step (ms)", ".2f"), ("ttft_ms", "pred. TTFT (ms)", ".1f"),
     ("e2e_ms", "pred. e2e (ms)", ".0f"), ("tokens_per_s", "pred. tok/s", ".0f"),
     ("ar_share_step_pct", "pred. all-reduce % of step", ".0f"),
     ("step_speedup", "pred. step vs xla", ".2f"),
@@ -208,11 +235,13 @@ def report(payload: dict) -> str:
               "the comparison sees a difference.", ""]
     lines += _not_measured(payload)
     lines += ["## Notes", "", f"- {NOCOMM_NOTE}. all-reduce % = 1 - nocomm time / time.",
-              "- TTFT: prefill to first token, median of the timed prefills. step: one decode "
-              "step, synchronised (block_until_ready) after each; slowest rank per step, then "
-              "mean / median over steps. e2e batch: prefill + every decode step dispatched "
-              "back to back, one synchronisation at the end. decode tok/s = batch / median step.",
-              "- HBM = (weight bytes + KV-cache bytes) read per step per device / median step. "
+              "- TTFT: prefill to first token, median of the timed prefills. e2e batch: prefill "
+              "+ every decode step dispatched back to back, one synchronisation at the end. "
+              "step = (e2e - TTFT) / decode steps: the step as the device runs it; the speedup, "
+              "all-reduce share, tok/s and HBM columns use it. step, synced: the median of "
+              "steps each followed by block_until_ready (slowest rank per step), which adds "
+              "the host's round trip and per-step jitter.",
+              "- HBM = (weight bytes + KV-cache bytes) read per step per device / step. "
               "The model attends over every cache slot with a mask, so each step reads the "
               "whole cache (prompt + generate slots). % of copy bw compares with the copy "
               "bandwidth measured on the same devices in the same run.", ""]
@@ -246,7 +275,7 @@ def plot(payload: dict, path: Path) -> str | None:
         title = (f"{r['model']} ({r['layers']}/{r['full_layers']} layers), TP={r['tp']}, "
                  f"{WORKLOAD_NAMES.get(r['workload'], r['workload'])} "
                  f"({r['prompt_len']}+{r['gen_len']})")
-        panels[title][_variant_cell(r["variant"])].append((r["batch"], r["step_median_ms"]))
+        panels[title][_variant_cell(r["variant"])].append((r["batch"], r.get(STEP, r["step_median_ms"])))
     if not panels:
         return "nothing measured"
     out = []
@@ -257,7 +286,7 @@ def plot(payload: dict, path: Path) -> str | None:
         out.append({"title": title, "series": {v: tuple(zip(*p)) for v, p in series.items()},
                     "styles": styles})
     return H.plot_loglog(path, out, title=payload["title"], xlabel="batch",
-                         ylabel="decode step, median (ms)")
+                         ylabel="decode step, (e2e - TTFT) / steps (ms)")
 
 
 def write_outputs(payload: dict, out_dir: Path, prefix: str) -> dict:

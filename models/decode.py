@@ -170,6 +170,7 @@ def main(argv=None) -> dict:
         "decode_tokens_per_s": len(prompts) / step_s if steps else float("nan"),
         "weights_gb_per_device": weight_bytes / 1e9,
         "weight_read_gb_per_s": weight_bytes / step_s / 1e9 if steps else float("nan"),
+        "tokens": [row.tolist() for row in tokens],
     }
     if jax.process_index() == 0:
         for i, row in enumerate(tokens):

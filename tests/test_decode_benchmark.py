@@ -33,7 +33,7 @@ def test_functional_run_is_labelled_and_complete(functional_run):
     table = (out / "decode_cpu_functional.md").read_text()
     assert "FUNCTIONAL run" in table and "FUNCTIONAL run" in proc.stdout  # table on stdout
     assert "TTFT" in proc.stderr and "copy bandwidth" in proc.stderr  # progress on stderr
-    for header in ("TTFT (ms)", "step mean (ms)", "step median (ms)", "e2e batch (ms)",
+    for header in ("TTFT (ms)", "step, synced (ms)", "step (ms)", "e2e batch (ms)",
                    "decode tok/s", "HBM (GB/s)", "% of copy bw", "all-reduce % of step",
                    "step vs xla", "#mismatch"):
         assert f"| {header} |" in table
@@ -182,3 +182,16 @@ def test_presets():
     assert full.workload_list[0].batches == (1, 2, 4, 8, 16, 32, 64)
     with pytest.raises(SystemExit):
         decode.parse_args(["--platform", "gpu", "--backends", "nccl"])
+
+
+def test_pipelined_step_is_e2e_minus_ttft_over_decode_steps():
+    row = {"e2e_ms": 130.0, "ttft_ms": 3.0, "gen_len": 128, "batch": 8,
+           "weight_read_bytes": 4e9, "kv_read_bytes": 0.0, "copy_gbps": 4000.0}
+    report._pipelined(row)
+    assert row["step_pipelined_ms"] == pytest.approx(1.0)
+    assert row["pipelined_tokens_per_s"] == pytest.approx(8000.0)
+    assert row["pipelined_hbm_gbps"] == pytest.approx(4000.0)
+    assert row["pipelined_roofline_pct"] == pytest.approx(100.0)
+    one = {"e2e_ms": 3.0, "ttft_ms": 3.0, "gen_len": 1, "batch": 8}
+    report._pipelined(one)
+    assert "step_pipelined_ms" not in one  # no decode step to time
