@@ -14,6 +14,7 @@ tests/test_gpu.py runs this under pytest where GPUs exist.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -142,17 +143,25 @@ def global_array(mesh, dtype, count, seed, *, integer=True):
     return put(mesh, P("tp"), make)
 
 
+@contextlib.contextmanager
+def kernel_settings(algo="auto", fault="0"):
+    """JAX_NVRAR_ALGO and JAX_NVRAR_FAULT_INJECT for the programs traced
+    inside (psum reads them at trace time); the defaults afterwards."""
+    os.environ["JAX_NVRAR_ALGO"], os.environ["JAX_NVRAR_FAULT_INJECT"] = algo, fault
+    try:
+        yield
+    finally:
+        os.environ["JAX_NVRAR_ALGO"], os.environ["JAX_NVRAR_FAULT_INJECT"] = "auto", "0"
+
+
 def check_sizes(suite, n, node_size, dtype_name, algo="auto"):
     mesh = mesh_1d(n)
     dtype = DTYPES[dtype_name]
     sizes = QUICK_SIZES if suite.quick else SIZES
 
     def body():
-        os.environ["JAX_NVRAR_ALGO"] = algo  # read at trace time
-        try:
+        with kernel_settings(algo):
             return sweep()
-        finally:
-            os.environ["JAX_NVRAR_ALGO"] = "auto"
 
     def sweep():
         for count in sizes:
@@ -218,11 +227,8 @@ def check_many_calls(suite, n, node_size, calls, algo="auto"):
         return per_device
 
     def body():
-        os.environ["JAX_NVRAR_ALGO"] = algo  # read at trace time
-        try:
+        with kernel_settings(algo):
             return loops()
-        finally:
-            os.environ["JAX_NVRAR_ALGO"] = "auto"
 
     def loops():
         x = global_array(mesh, jnp.float32, 5003, 77)
@@ -306,19 +312,14 @@ def check_negative_control(suite, n, node_size, algo="auto"):
     mesh = mesh_1d(n)
 
     def body():
-        os.environ["JAX_NVRAR_FAULT_INJECT"] = "1"
-        os.environ["JAX_NVRAR_ALGO"] = algo  # read at trace time
-        try:
-            wrong = 0
+        wrong = 0
+        with kernel_settings(algo, fault="1"):
             for seed in range(3):
                 x = global_array(mesh, jnp.float32, 1 << 20, 500 + seed)
                 ours = run(mesh, lambda v: jax_nvrar.psum(
                     v, "tp", backend="nvshmem", node_size=node_size), x)
                 want = run(mesh, lambda v: lax.psum(v, "tp"), x)
                 wrong += compare(ours, want, bitwise=False) is not None
-        finally:
-            os.environ["JAX_NVRAR_FAULT_INJECT"] = "0"
-            os.environ["JAX_NVRAR_ALGO"] = "auto"
         flags = multihost_utils.process_allgather(np.int32(wrong))
         if flags.max() == 0:
             return "ignoring arrivals went unnoticed: the checks have no teeth"
