@@ -23,6 +23,9 @@ VARIABLES = {
         "auto", "single-node kernel variant: auto, oneshot, twoshot (flag "
                 "lines), oneshot_ll, twoshot_ll (LL lines), oneshot_lamport "
                 "or twoshot_lamport (Lamport lines)"),
+    "JAX_NVRAR_TUNING": (
+        "", "tuning table of the single-node variants (benchmarks/tune.py "
+            "writes it); empty: the table shipped in the package"),
     "JAX_NVRAR_WORKSPACE_MB": (
         "128", "symmetric workspace per communicator slot, in MiB"),
     "JAX_NVRAR_SLOTS": (

@@ -26,7 +26,7 @@ from jax._src import core
 from jax._src.interpreters import ad, batching, mlir, pxla
 from jax._src.lax import parallel as lax_parallel
 
-from jax_nvrar import _config, _reference, _runtime, _schedule
+from jax_nvrar import _config, _reference, _runtime, _schedule, _tuning
 
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16),
                  np.dtype(np.float16))
@@ -80,17 +80,16 @@ def _pe_of(device) -> int:
     return device.process_index
 
 
-def _kernel_variant(algo: str, nbytes: int) -> str:
+def _kernel_variant(algo: str, nbytes: int, node_size: int) -> str:
     """The variant a call runs on one node (several nodes always take the
-    hierarchical path). "auto": Lamport one-shot up to 512 KB, Lamport
-    two-shot above (the sweep in benchmarks/results). Lamport lines have a
-    region of their own; LL lines and the flag variants' raw data share
-    regions, and a raw vector left there could carry words equal to a later
-    LL call's sequence number, so the flag variants run only when
-    JAX_NVRAR_ALGO asks for them (benchmarks)."""
+    hierarchical path). "auto": the tuning table's choice (_tuning.py).
+    Lamport lines have a region of their own; LL lines and the flag
+    variants' raw data share regions, and a raw vector left there could carry
+    words equal to a later LL call's sequence number, so the flag variants
+    run only when JAX_NVRAR_ALGO asks for them (benchmarks)."""
     if algo != "auto":
         return algo
-    return "oneshot_lamport" if nbytes <= (512 << 10) else "twoshot_lamport"
+    return _tuning.variant_for(nbytes, node_size)
 
 
 def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
@@ -109,7 +108,8 @@ def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
         group_size=np.int64(len(groups[0])),
         node_size=np.int64(node_size),
         slot=np.int64(slot),
-        algo=np.int64(_runtime.algo_code(_kernel_variant(algo, nbytes))),
+        algo=np.int64(_runtime.algo_code(_kernel_variant(algo, nbytes,
+                                                         node_size))),
         fault=np.int64(_config.get_number("JAX_NVRAR_FAULT_INJECT")))
 
 
