@@ -15,6 +15,7 @@ psum. Only the lowering differs:
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -126,6 +127,10 @@ def _cuda_lowering(ctx, x, *, impl, **params):
         return _nvshmem_lowering(ctx, x, impl=impl, **params)
     return _lowering(ctx, x, impl=impl, **params)
 
+
+#: One DEBUG record per leaf psum traces, saying where it goes (attributes
+#: route, nbytes, dtype, axes); models/decode.py summarises them.
+logger = logging.getLogger("jax_nvrar")
 
 allreduce_p = core.Primitive("nvrar_allreduce")
 allreduce_p.def_effectful_abstract_eval(_abstract_eval)
@@ -310,6 +315,11 @@ def psum(x, axis_name, *, axis_index_groups=None, backend: str | None = None,
         # Nothing to exchange (constants, empty arrays, one device): psum.
         if (impl == "xla" or not isinstance(leaf, core.Tracer)
                 or nbytes == 0 or axis_size == 1):
+            impl = "xla"
+        logger.debug("psum of %d bytes of %s over %s: %s", nbytes, dtype, axes,
+                     impl, extra={"route": impl, "nbytes": nbytes,
+                                  "dtype": str(dtype), "axes": axes})
+        if impl == "xla":
             return lax.psum(leaf, axes)
         algo = ("auto" if impl == "reference" else
                 _config.get_choice("JAX_NVRAR_ALGO", _config.ALGOS))

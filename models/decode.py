@@ -17,8 +17,10 @@ tokens (or text) and a timing summary go to stdout, progress to stderr, both fro
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -58,6 +60,40 @@ def _configure_devices(args) -> None:
         jax.config.update("jax_num_cpu_devices", max(args.cpu_devices, args.tp or 0))
     except RuntimeError:
         pass  # backends already up (e.g. main() called from a test process): keep their devices
+
+
+class _Routes(logging.Handler):
+    """Counts where jax_nvrar.psum sent the all-reduces it traced (its DEBUG
+    records): backend="auto" hands large messages to lax.psum."""
+
+    NAMES = {"nvshmem": "the NVRAR kernel", "xla": "lax.psum", "reference": "the reference"}
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.counts = collections.Counter()
+        self.logger = logging.getLogger("jax_nvrar")
+
+    def emit(self, record):
+        if hasattr(record, "route"):
+            self.counts[(record.route, record.nbytes)] += 1
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+    def summary(self) -> list[dict]:
+        return [{"route": route, "bytes": nbytes, "traced": n}
+                for (route, nbytes), n in sorted(self.counts.items())]
+
+    def describe(self) -> str:
+        return ", ".join(f"{n} x {nbytes} B -> {self.NAMES.get(route, route)}"
+                         for (route, nbytes), n in sorted(self.counts.items()))
 
 
 def parse_args(argv=None):
@@ -154,11 +190,15 @@ def main(argv=None) -> dict:
     _log(f"weights ready: {_size(weight_bytes)} per device ({time.perf_counter() - t_start:.1f} s)")
 
     gen = Generator(graphdef, state, mesh, psum, sampling)
-    if not args.no_warmup:
-        t = time.perf_counter()
-        gen.generate(prompts, min(args.gen_len, 2), seed=args.seed, max_len=max(map(len, prompts)) + args.gen_len)
-        _log(f"compiled prefill and decode step ({time.perf_counter() - t:.1f} s)")
-    tokens, timing = gen.generate(prompts, args.gen_len, seed=args.seed)
+    with _Routes() as routes:
+        if not args.no_warmup:
+            t = time.perf_counter()
+            gen.generate(prompts, min(args.gen_len, 2), seed=args.seed,
+                         max_len=max(map(len, prompts)) + args.gen_len)
+            _log(f"compiled prefill and decode step ({time.perf_counter() - t:.1f} s)")
+        tokens, timing = gen.generate(prompts, args.gen_len, seed=args.seed)
+    if routes.counts:
+        _log(f"all-reduces traced: {routes.describe()}")
 
     steps = args.gen_len - 1
     step_s = timing["decode_s"] / steps if steps else float("nan")
@@ -171,6 +211,7 @@ def main(argv=None) -> dict:
         "weights_gb_per_device": weight_bytes / 1e9,
         "weight_read_gb_per_s": weight_bytes / step_s / 1e9 if steps else float("nan"),
         "tokens": [row.tolist() for row in tokens],
+        "allreduce_routes": routes.summary(),
     }
     if jax.process_index() == 0:
         for i, row in enumerate(tokens):

@@ -81,3 +81,17 @@ def test_one_process_per_device_through_the_launcher(capsys):
     expected = _rows(capsys.readouterr().out)
     assert len(expected) == 3
     assert _rows(result.stdout) == expected
+
+
+def test_summary_says_where_each_all_reduce_went(tmp_path):
+    # backend="auto" on CPU hands every all-reduce to lax.psum; the summary
+    # (and stderr) say so instead of implying the kernel ran.
+    out = tmp_path / "summary.json"
+    summary = decode.main(["--tp", "2", "--batch", "2", "--prompt-len", "4", "--gen-len", "3",
+                           "--json", str(out)])
+    routes = summary["allreduce_routes"]
+    assert routes and {r["route"] for r in routes} == {"xla"}
+    assert {r["bytes"] for r in routes} >= {2 * 64 * 4}  # a decode step: batch x dim x f32
+    assert summary == json.loads(out.read_text())
+    assert len(summary["tokens"]) == 2 and all(len(row) == 3 for row in summary["tokens"])
+    assert decode.main(["--tp", "2", "--allreduce", "xla", "--gen-len", "2"])["allreduce_routes"] == []
