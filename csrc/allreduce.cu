@@ -72,7 +72,8 @@
 // added in local-rank order, starting from source 0 (not from 0.0, which
 // would turn -0 into +0), and rounded once; an inter-node step rounds a + b
 // (commutative, so both partners get the same bits). Every PE therefore gets
-// bitwise-identical results, equal to the reference backend's.
+// bitwise-identical results, equal to the reference backend's (Lamport
+// lines: but for the sign of a zero sum, see their section).
 //
 // Failure. Every spin-wait has a timeout (jax_nvrar.initialize's timeout_s):
 // it prints the PE, block, phase and sequence number and traps. Testing: the
