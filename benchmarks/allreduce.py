@@ -95,7 +95,15 @@ XLA_CK_FLAGS = (
     "--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE",
     "--xla_gpu_experimental_use_collective_kernels=COLLECTIVE_KERNEL_ALL_REDUCE",
 )
-GPU_LAYOUTS = "1x2,1x4,2x2,4x1"
+GPU_LAYOUTS = "1x2,1x4,2x2,4x1"  # on 4 GPUs; gpu_layouts(n) in general
+
+
+def gpu_layouts(n: int) -> str:
+    """Default layouts on n GPUs: 1x2, then every NODESxGPUS of all n
+    (1x4 2x2 4x1 on 4 GPUs; 1x8 2x4 4x2 8x1 on 8, the paper's node shape
+    among them)."""
+    sizes = [g for g in range(n, 0, -1) if n % g == 0]
+    return ",".join(dict.fromkeys(["1x2"] + [f"{n // g}x{g}" for g in sizes]))
 CPU_LAYOUTS = "1x2,1x4,2x2,4x1,1x8,2x4,8x1"
 CPU_DEVICES = 8
 
@@ -330,8 +338,8 @@ def parse_args(argv=None):
     p.add_argument("--algos", default=",".join(ALGOS),
                    help="JAX_NVRAR_ALGO values run on single-node layouts")
     p.add_argument("--layouts", default=None,
-                   help=f"NODESxGPUS list (default GPU {GPU_LAYOUTS}; "
-                        f"CPU {CPU_LAYOUTS})")
+                   help=f"NODESxGPUS list (default GPU: 1x2 and every layout "
+                        f"of all GPUs, {GPU_LAYOUTS} on 4; CPU {CPU_LAYOUTS})")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per case (default 10, --quick 5, CPU 2)")
     p.add_argument("--warmup", type=int, default=None,
@@ -385,7 +393,7 @@ def parse_args(argv=None):
             else "4K:64M"
     if args.layouts is None:
         args.layouts = ("1x2,1x4,2x2,4x1" if args.quick else CPU_LAYOUTS) \
-            if cpu else GPU_LAYOUTS
+            if cpu else gpu_layouts(args.gpus or H.gpu_count() or 4)
     if args.repeats is None:
         args.repeats = 2 if cpu else (5 if args.quick else 10)
     if args.warmup is None:

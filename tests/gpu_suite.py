@@ -341,8 +341,8 @@ def main():
     n = suite.n
     suite.log(f"GPU suite: {n} processes, {jax.devices()[0].device_kind}, "
               f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    layouts = [g for g in (n, n // 2, 1) if g >= 1 and n % g == 0]
-    layouts = list(dict.fromkeys(layouts))
+    # Node sizes: every divisor of n (4 PEs: 1x4 2x2 4x1; 8: 1x8 2x4 4x2 8x1).
+    layouts = [g for g in range(n, 0, -1) if n % g == 0]
     groups = set(filter(None, args.only.split(","))) or {
         "sizes", "stale", "calls", "mesh", "vma", "auto", "negative"}
     for node_size in layouts:

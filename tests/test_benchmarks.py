@@ -243,3 +243,10 @@ def test_cost_model_pipeline(tmp_path, functional_run):
     out, _ = functional_run
     cm.main([str(out / "allreduce_cpu_functional.json"), "--out-dir",
              str(tmp_path / "cpu"), "--allow-test-input"])
+
+
+def test_default_gpu_layouts_cover_every_node_shape():
+    import allreduce
+    assert allreduce.gpu_layouts(4) == allreduce.GPU_LAYOUTS == "1x2,1x4,2x2,4x1"
+    assert allreduce.gpu_layouts(8) == "1x2,1x8,2x4,4x2,8x1"  # 2x4: the paper's nodes
+    assert allreduce.gpu_layouts(2) == "1x2,2x1"
