@@ -245,6 +245,28 @@ def test_cost_model_pipeline(tmp_path, functional_run):
              str(tmp_path / "cpu"), "--allow-test-input"])
 
 
+def test_cost_model_fits_several_sweeps_together(tmp_path):
+    # Two sweeps of one machine (e.g. a budget-cut run and its large sizes)
+    # are fitted as one: the points of both count; a non-measurement taints
+    # the kind of the whole.
+    links = {"xla": cm.Link(1.5, 1 / 350e3), "nvshmem:twoshot_lamport": INTRA}
+    whole = cm.synthetic_sweep(links)
+    small, large = (dict(whole, results=[r for r in whole["results"] if keep(r["size"])])
+                    for keep in (lambda s: s < 1 << 20, lambda s: s >= 1 << 20))
+    paths = [tmp_path / "small.json", tmp_path / "large.json"]
+    for path, payload in zip(paths, (small, large)):
+        path.write_text(json.dumps(payload))
+    merged = cm.load_sweeps(paths, allow_test_input=True)
+    assert len(merged["results"]) == len(whole["results"])
+    assert merged["sources"] == [str(p) for p in paths]
+    result = cm.main([str(p) for p in paths] + ["--out-dir", str(tmp_path),
+                                                "--allow-test-input"])
+    assert result["fits"]["nvshmem:twoshot_lamport"]["points"] == sum(
+        1 for r in whole["results"] if r["backend"] == "nvshmem:twoshot_lamport")
+    assert result["intra_link_source"]["twoshot"] == "nvshmem:twoshot_lamport"
+    assert result["source"]["files"] == [str(p) for p in paths]
+
+
 def test_default_gpu_layouts_cover_every_node_shape():
     import allreduce
     assert allreduce.gpu_layouts(4) == allreduce.GPU_LAYOUTS == "1x2,1x4,2x2,4x1"
