@@ -362,6 +362,52 @@ def run_cases(cases, make_runner, emit, *, group: str, deadline: float,
               f"  (compile {extra.get('compile_s', 0):.1f} s)")
 
 
+#: Bytes per device of the link-bandwidth pass (GPU; CPU runs use 1 MiB).
+LINK_BYTES = 256 << 20
+
+
+def link_bandwidth(n: int, nbytes: int, *, shifts: int = 8, repeats: int = 5,
+                   warmup: int = 2) -> dict:
+    """GB/s one device moves to its neighbour: ``shifts`` chained ring
+    shifts (``lax.ppermute`` by one position, NCCL send/recv on GPUs) of
+    ``nbytes`` per device in one program, the slowest rank per run, the
+    median of ``repeats`` runs. The reference busbw is compared with: an
+    all-reduce's bus bandwidth cannot exceed what one link carries.
+    Collective: every process calls it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:n]), (AXIS,))
+    count = nbytes // 4
+    x = jax.make_array_from_callback(
+        (n, count), NamedSharding(mesh, P(AXIS)),
+        lambda index: np.full((1, count), 1 + (index[0].start or 0), np.float32))
+    perm = [(i, (i + 1) % n) for i in range(n)]
+
+    def body(v):
+        return lax.fori_loop(0, shifts, lambda _, w: lax.ppermute(w, AXIS, perm), v)
+
+    program = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(AXIS),
+                                    out_specs=P(AXIS))).lower(x).compile()
+    times, outputs = H.time_runs(program, (x,), warmup=warmup, repeats=repeats,
+                                 barrier=H.barrier)
+    # After k shifts device i holds device (i - k) mod n's block.
+    for shard in outputs[-1].addressable_shards:
+        i = shard.index[0].start or 0
+        if not np.all(np.asarray(shard.data) == 1 + (i - shifts) % n):
+            raise RuntimeError("link-bandwidth pass: ppermute moved wrong data")
+    per_shift, _ = H.median_of_max(H.gather_rows([t / shifts for t in times]).tolist())
+    return {"nproc": n, "bytes": nbytes, "shifts": shifts, "repeats": repeats,
+            "seconds_per_shift": per_shift, "gbps": nbytes / per_shift / 1e9,
+            "method": f"lax.ppermute ring shift by one of {nbytes} bytes per "
+                      f"device, {shifts} chained per program, slowest rank, "
+                      f"median of {repeats} runs"}
+
+
 def worker_main(args, *, cpu: bool, emit, rank0: bool) -> None:
     """Measures one group's series. On GPU the launcher has started
     jax.distributed; NVSHMEM must start before JAX's first allocation."""
@@ -405,6 +451,11 @@ def worker_main(args, *, cpu: bool, emit, rank0: bool) -> None:
     if rank0:
         emit({"type": "env", "group": args.group, "device": env,
               "jax_nvrar": _jax_nvrar_info(), "skipped": skipped})
+    if kind == "default":
+        for n_link in sorted({s.layout.n for s in runnable}):
+            link = link_bandwidth(n_link, (1 << 20) if cpu else LINK_BYTES)
+            if rank0:
+                emit({"type": "link", "group": args.group, **link})
 
     points = points_from_args(args)
     # Order: dtype, size, layout, backend -- a budget cut loses the largest

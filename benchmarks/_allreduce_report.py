@@ -16,11 +16,13 @@ from _allreduce_cases import BACKENDS, Layout
 
 def merge(records_by_group: dict, groups_meta: list, skipped: list,
           meta: dict) -> dict:
-    results, devices = [], {}
+    results, devices, links = [], {}, []
     for group, records in records_by_group.items():
         last_begin, ended = None, False
         for rec in records:
-            if rec["type"] == "env":
+            if rec["type"] == "link":
+                links.append({k: v for k, v in rec.items() if k != "type"})
+            elif rec["type"] == "env":
                 devices[group] = {"device": rec["device"],
                                   "jax_nvrar": rec.get("jax_nvrar")}
                 skipped.extend(rec.get("skipped", []))
@@ -39,11 +41,14 @@ def merge(records_by_group: dict, groups_meta: list, skipped: list,
     baseline = {(r["dtype"], r["size"], r["nproc"]): r["time_us"]
                 for r in results if r["backend"] == "xla"
                 and r["status"] == "ok" and r.get("wrong") == 0}
+    link_gbps = {link["nproc"]: link["gbps"] for link in links}
     for rec in results:  # no speedup for a wrong answer
         base = baseline.get((rec["dtype"], rec["size"], rec["nproc"]))
         if rec["status"] == "ok" and base and rec.get("wrong") == 0:
             rec["speedup"] = base / rec["time_us"]
-    return dict(meta, groups=groups_meta, devices=devices,
+        if rec["status"] == "ok" and rec.get("busbw") and rec["nproc"] in link_gbps:
+            rec["link_pct"] = 100 * rec["busbw"] / link_gbps[rec["nproc"]]
+    return dict(meta, groups=groups_meta, devices=devices, link=links,
                 skipped=skipped, results=results)
 
 
@@ -60,7 +65,8 @@ COLUMNS = (
     ("size", "size (B)", "d"), ("count", "count", "d"), ("dtype", "type", "s"),
     ("layout", "layout", "s"), ("backend", "backend", "s"),
     ("time_us", "time (us)", ".2f"), ("algbw", "algbw (GB/s)", ".2f"),
-    ("busbw", "busbw (GB/s)", ".2f"), ("speedup", "vs xla", ".2f"),
+    ("busbw", "busbw (GB/s)", ".2f"), ("link_pct", "busbw % of link", ".0f"),
+    ("speedup", "vs xla", ".2f"),
     ("wrong", "#wrong", "d"), ("decode", "decode shapes",
                                lambda v: ", ".join(v) or "")
 )
@@ -76,6 +82,12 @@ def report(payload: dict) -> str:
     if functional:
         lines += ["**FUNCTIONAL run on simulated CPU devices: checks "
                   "correctness; the times are not performance numbers.**", ""]
+    for link in payload.get("link", []):
+        lines.append(f"- link bandwidth, {link['nproc']} {'devices' if functional else 'GPUs'}:"
+                     f" {link['gbps']:.1f} GB/s per device ({link['method']}); "
+                     "'busbw % of link' compares with it")
+    if payload.get("link"):
+        lines.append("")
     ok = [r for r in payload["results"] if r["status"] == "ok"]
     for dtype in sorted({r["dtype"] for r in ok}):
         for layout in sorted({r["layout"] for r in ok if r["dtype"] == dtype},

@@ -42,11 +42,17 @@ def test_functional_run_is_correct_and_labelled(functional_run):
         assert math.isclose(r["busbw"], r["algbw"] * 2 * (r["nproc"] - 1)
                             / r["nproc"], rel_tol=1e-6)
         assert r["speedup"] > 0
+    # The link pass ran for each group size and every row is set against it.
+    links = {link["nproc"]: link["gbps"] for link in payload["link"]}
+    assert set(links) == {2, 4} and all(g > 0 for g in links.values())
+    for r in ok:
+        assert r["link_pct"] == pytest.approx(100 * r["busbw"] / links[r["nproc"]])
     skipped = {s["backend"] for s in payload["skipped"]}
     assert {"nvshmem", "xla_ck", "nvshmem4py"} <= {b.split(":")[0]
                                                    for b in skipped}
     table = (out / "allreduce_cpu_functional.md").read_text()
     assert "FUNCTIONAL run" in table and "| time (us) |" in table
+    assert "| busbw % of link |" in table and "link bandwidth, 4 devices" in table
     assert "FUNCTIONAL run" in proc.stdout  # the table goes to stdout
     assert "#wrong" in proc.stderr  # progress goes to stderr
     assert payload["env"]["packages"]["jax"]
