@@ -366,13 +366,14 @@ def run_cases(cases, make_runner, emit, *, group: str, deadline: float,
 LINK_BYTES = 256 << 20
 
 
-def link_bandwidth(n: int, nbytes: int, *, shifts: int = 8, repeats: int = 5,
+def link_bandwidth(n: int, nbytes: int, *, repeats: int = 5,
                    warmup: int = 2) -> dict:
-    """GB/s one device moves to its neighbour: ``shifts`` chained ring
-    shifts (``lax.ppermute`` by one position, NCCL send/recv on GPUs) of
-    ``nbytes`` per device in one program, the slowest rank per run, the
-    median of ``repeats`` runs. The reference busbw is compared with: an
-    all-reduce's bus bandwidth cannot exceed what one link carries.
+    """GB/s one device moves to its neighbour: 4n + 1 chained ring shifts
+    (``lax.ppermute`` by one position, NCCL send/recv on GPUs) of ``nbytes``
+    per device in one program, the slowest rank per run, the median of
+    ``repeats`` runs. The reference busbw is compared with: an all-reduce's
+    bus bandwidth cannot exceed what one link carries. The shift count
+    leaves every device holding its neighbour's block, which is checked.
     Collective: every process calls it."""
     import jax
     import jax.numpy as jnp
@@ -387,6 +388,7 @@ def link_bandwidth(n: int, nbytes: int, *, shifts: int = 8, repeats: int = 5,
         (n, count), NamedSharding(mesh, P(AXIS)),
         lambda index: np.full((1, count), 1 + (index[0].start or 0), np.float32))
     perm = [(i, (i + 1) % n) for i in range(n)]
+    shifts = 4 * n + 1
 
     def body(v):
         return lax.fori_loop(0, shifts, lambda _, w: lax.ppermute(w, AXIS, perm), v)
@@ -395,7 +397,7 @@ def link_bandwidth(n: int, nbytes: int, *, shifts: int = 8, repeats: int = 5,
                                     out_specs=P(AXIS))).lower(x).compile()
     times, outputs = H.time_runs(program, (x,), warmup=warmup, repeats=repeats,
                                  barrier=H.barrier)
-    # After k shifts device i holds device (i - k) mod n's block.
+    # After k shifts device i holds device (i - k) mod n's block: i - 1's.
     for shard in outputs[-1].addressable_shards:
         i = shard.index[0].start or 0
         if not np.all(np.asarray(shard.data) == 1 + (i - shifts) % n):

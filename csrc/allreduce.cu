@@ -43,7 +43,8 @@
 // so stale LL lines are ignored. Raw data of the flag variants lands in the
 // same regions and could, by chance, carry words equal to a later LL call's
 // number; so one slot must not carry both kinds of traffic. jax_nvrar.psum
-// picks LL variants only unless JAX_NVRAR_ALGO names a flag variant.
+// picks Lamport or LL variants (they use separate regions) unless
+// JAX_NVRAR_ALGO names a flag variant.
 //
 // Buffering. A call uses the regions of parity seq & 1. A PE can only be one
 // call ahead of any peer it exchanges with: finishing call k needs data every
@@ -506,8 +507,9 @@ __device__ void twoshot_flag(const Params& p, uint32_t seq, int parity) {
 // sequence number travel: the payload is 100% of the bytes moved, with the
 // one-way latency of LL lines. A payload word equal to kEmpty is sent as 0
 // (scrub): for float32 that is -0.0 sent as +0.0; for 16-bit types only the
-// pair (+0, -0) is affected, sent as (+0, +0). The sign of a zero sum can
-// therefore differ from lax.psum's; its value cannot. Every PE reduces the
+// pair (+0, -0) is affected, sent as (+0, +0). Two-shot scrubs its reduced
+// chunks too, so a result word (+0, -0) comes out (+0, +0). The sign of a
+// zero sum can therefore differ from lax.psum's; its value cannot. Every PE reduces the
 // same scrubbed words, so results stay bitwise identical across PEs.
 //
 // Reuse: call k reads and empties the parity k & 1 of its region; a peer
@@ -783,8 +785,9 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
 // a variant whose region is too small for the message hands it to the next
 // one that fits (the same sum; every PE makes the same choice).
 // Measured on 4xH100 (benchmarks/results): Lamport one-shot is fastest to
-// 512 KB, Lamport two-shot above. jax_nvrar.psum always names a variant (the
-// same table), so this one serves other callers of the handler.
+// 512 KB, Lamport two-shot above. jax_nvrar.psum always names a variant (from
+// its tuning table, jax_nvrar/_tuning.py), so this rule serves other callers
+// of the handler.
 int pick_variant(const Params& p, int G, int N, int requested) {
   if (N > 1) return kTwoShotLL;
   int algo = requested;

@@ -281,9 +281,10 @@ def psum(x, axis_name, *, axis_index_groups=None, backend: str | None = None,
       Array(s) with the same shape as ``x`` holding the sum over
       ``axis_name``. Half-precision inputs are accumulated in float32 by the
       NVRAR backends, so their last bit can differ from XLA's psum. On the
-      kernel's default (Lamport) lines a float32 -0.0 input (for 16-bit
-      types: a -0.0 at the odd index of a +0.0/-0.0 pair) counts as +0.0, so
-      a zero sum can come out +0.0 where psum gives -0.0. The backward
+      kernel's default (Lamport) lines a float32 -0.0 (for 16-bit types: a
+      -0.0 at the odd index of a +0.0/-0.0 pair), in an input or, with
+      two-shot, in a result, becomes +0.0, so a zero sum can come out +0.0
+      where psum gives -0.0. The backward
       pass of the NVRAR backends is psum's own (XLA) transpose.
 
     Example:

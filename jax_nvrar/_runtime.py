@@ -18,6 +18,7 @@ XLA_PYTHON_CLIENT_MEM_FRACTION if it does not).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -121,28 +122,56 @@ def _share_unique_id(client, process_id: int, timeout_ms: int) -> bytes:
 #: lower different variants or routes would wait for each other forever).
 _SHARED_VARIABLES = ("JAX_NVRAR_BACKEND", "JAX_NVRAR_NODE_SIZE",
                      "JAX_NVRAR_ALGO", "JAX_NVRAR_AUTO_MAX_KB",
-                     "JAX_NVRAR_AUTO_MAX_KB_NODES", "JAX_NVRAR_FAULT_INJECT")
+                     "JAX_NVRAR_AUTO_MAX_KB_NODES", "JAX_NVRAR_FAULT_INJECT",
+                     "JAX_NVRAR_TUNING")
+
+
+def _shared_settings(workspace_mb: int, slots: int, timeout_s: float) -> dict:
+    """What every process must agree on, as JSON-able values: arguments,
+    the trace-time variables, and the variant table's contents (two files
+    of one name can differ)."""
+    from jax_nvrar import _tuning
+
+    settings = {"workspace_mb": workspace_mb, "slots": slots,
+                "timeout_s": timeout_s}
+    settings.update({name: _config.get(name) for name in _SHARED_VARIABLES})
+    settings["variant table"] = hashlib.sha256(
+        repr(_tuning.table_entries()).encode()).hexdigest()[:16]
+    return settings
+
+
+def _differences(mine: dict, theirs: dict, me: int, other: int) -> list[str]:
+    return [f"{name}: {mine.get(name)!r} in process {me}, "
+            f"{theirs.get(name)!r} in process {other}"
+            for name in sorted(set(mine) | set(theirs))
+            if mine.get(name) != theirs.get(name)]
 
 
 def _agree_on_settings(client, process_id: int, n_processes: int,
                        settings: dict, timeout_ms: int) -> None:
-    """Publishes this process's settings in the key-value store and compares
-    them with process 0's (process 0: with everyone's). Raises, naming the
-    setting and both values, where they differ."""
+    """Every process publishes its settings in the key-value store; process 0
+    compares everyone's with its own and publishes a verdict; every process
+    raises the verdict's message where any differ, naming the settings,
+    the values and the processes."""
     key = "jax_nvrar/settings/{}"
+    verdict_key = "jax_nvrar/settings/verdict"
     client.key_value_set(key.format(process_id), json.dumps(settings))
-    others = range(1, n_processes) if process_id == 0 else (0,)
-    for other in others:
-        theirs = json.loads(client.blocking_key_value_get(key.format(other),
-                                                          timeout_ms))
-        for name in sorted(set(settings) | set(theirs)):
-            if settings.get(name) != theirs.get(name):
-                raise RuntimeError(
-                    f"jax_nvrar: processes disagree about {name}: "
-                    f"{settings.get(name)!r} in process {process_id}, "
-                    f"{theirs.get(name)!r} in process {other}. Every process "
-                    "must use the same settings (the launcher passes its "
-                    "environment to all of them)")
+    if process_id == 0:
+        problems = []
+        for other in range(1, n_processes):
+            theirs = json.loads(client.blocking_key_value_get(
+                key.format(other), timeout_ms))
+            problems += _differences(settings, theirs, 0, other)
+        verdict = "; ".join(problems)
+        client.key_value_set(verdict_key, verdict or "ok")
+    else:
+        verdict = client.blocking_key_value_get(verdict_key, timeout_ms)
+        verdict = "" if verdict == "ok" else verdict
+    if verdict:
+        raise RuntimeError(
+            f"jax_nvrar: processes disagree about {verdict}. Every process "
+            "must use the same settings (the launcher passes its environment "
+            "to all of them)")
 
 
 def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
@@ -188,10 +217,8 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
     dist = _distributed_state()
     process_id, n_processes = dist.process_id, dist.num_processes
     timeout_ms = int(1000 * max(60, timeout_s))
-    settings = {"workspace_mb": workspace_mb, "slots": slots,
-                "timeout_s": timeout_s}
-    settings.update({name: _config.get(name) for name in _SHARED_VARIABLES})
-    _agree_on_settings(dist.client, process_id, n_processes, settings,
+    _agree_on_settings(dist.client, process_id, n_processes,
+                       _shared_settings(workspace_mb, slots, timeout_s),
                        timeout_ms)
     uid = _share_unique_id(dist.client, process_id, timeout_ms=timeout_ms)
     slot_bytes = workspace_mb << 20

@@ -278,3 +278,11 @@ def test_default_gpu_layouts_cover_every_node_shape():
     assert allreduce.gpu_layouts(4) == allreduce.GPU_LAYOUTS == "1x2,1x4,2x2,4x1"
     assert allreduce.gpu_layouts(8) == "1x2,1x8,2x4,4x2,8x1"  # 2x4: the paper's nodes
     assert allreduce.gpu_layouts(2) == "1x2,2x1"
+
+
+def test_link_pass_checks_the_data_it_moves(monkeypatch):
+    from jax import lax
+    assert cases.link_bandwidth(4, 1 << 16)["gbps"] > 0
+    monkeypatch.setattr(lax, "ppermute", lambda w, axis, perm: w * 1)  # moves nothing
+    with pytest.raises(RuntimeError, match="ppermute moved wrong data"):
+        cases.link_bandwidth(4, 1 << 16)

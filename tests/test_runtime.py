@@ -25,28 +25,30 @@ class _Store:
 
 
 def _settings(**changes):
-    settings = {"workspace_mb": 128, "slots": 4, "timeout_s": 120.0}
-    settings.update({name: _config.get(name)
-                     for name in _runtime._SHARED_VARIABLES})
-    settings.update(changes)
-    return settings
+    return dict(_runtime._shared_settings(128, 4, 120.0), **changes)
 
 
 def _agree(per_process):
-    """Runs the check in every process as if all ran at once: the others'
-    settings are in the store. -> {process: error text or None}"""
-    errors = {}
-    for pid in range(len(per_process)):
-        store = _Store()
-        store.values = {f"jax_nvrar/settings/{other}": json.dumps(settings)
-                        for other, settings in enumerate(per_process)
-                        if other != pid}
+    """Runs the check in every process as if all ran at once: process 0
+    finds the others' settings in the store, the others find its verdict.
+    -> {process: error text or None}"""
+    def run(store, pid):
         try:
             _runtime._agree_on_settings(store, pid, len(per_process),
                                         per_process[pid], 1000)
-            errors[pid] = None
         except RuntimeError as error:
-            errors[pid] = str(error)
+            return str(error)
+        return None
+
+    first = _Store()
+    first.values = {f"jax_nvrar/settings/{pid}": json.dumps(settings)
+                    for pid, settings in enumerate(per_process) if pid}
+    errors = {0: run(first, 0)}
+    for pid in range(1, len(per_process)):
+        store = _Store()
+        store.values = {"jax_nvrar/settings/verdict":
+                        first.values["jax_nvrar/settings/verdict"]}
+        errors[pid] = run(store, pid)
     return errors
 
 
@@ -59,21 +61,35 @@ def test_equal_settings_pass():
     assert _agree([_settings()] * 4) == {0: None, 1: None, 2: None, 3: None}
 
 
-def test_a_differing_process_is_named_with_both_values():
+def test_every_process_names_the_differing_one():
+    # Not only the odd one out: every process raises, so none waits for the
+    # NVSHMEM unique id until its timeout.
     per_process = [_settings()] * 4
     per_process[2] = _settings(JAX_NVRAR_ALGO="oneshot_ll")
     errors = _agree(per_process)
-    assert errors[1] is None and errors[3] is None
-    for pid in (0, 2):
-        assert "disagree about JAX_NVRAR_ALGO" in errors[pid]
-        assert "'oneshot_ll'" in errors[pid] and "'auto'" in errors[pid]
-        assert "process 2" in errors[pid]
+    for pid in range(4):
+        assert ("disagree about JAX_NVRAR_ALGO: 'auto' in process 0, "
+                "'oneshot_ll' in process 2") in errors[pid]
 
 
 def test_workspace_size_must_match():
     errors = _agree([_settings(), _settings(workspace_mb=64)])
     assert "disagree about workspace_mb: 128 in process 0, 64 in process 1" \
-        in errors[0]
+        in errors[1]
+
+
+def test_variant_tables_are_compared_by_contents(monkeypatch, tmp_path):
+    # Same variable, different file contents: the table's digest differs.
+    from jax_nvrar import _tuning
+    path = tmp_path / "table.json"
+    mine = _settings()
+    path.write_text(json.dumps({"schema": _tuning.SCHEMA, "entries": [
+        {"node_size": 4, "size": 4096, "times_us": {"oneshot_ll": 1.0}}]}))
+    monkeypatch.setenv("JAX_NVRAR_TUNING", str(path))
+    theirs = dict(_runtime._shared_settings(128, 4, 120.0),
+                  JAX_NVRAR_TUNING=mine["JAX_NVRAR_TUNING"])
+    assert theirs["variant table"] != mine["variant table"]
+    assert "variant table" in _agree([mine, theirs])[0]
 
 
 def test_initialize_without_the_extension_says_why(monkeypatch):
