@@ -63,9 +63,9 @@ Method (nccl-tests, adapted to a compiled program)
      time / this time (same dtype, size and GPU count).
   5. Link bandwidth, once per group size: 4n + 1 chained ``lax.ppermute``
      ring shifts of 256 MiB per device (NCCL send/recv; the data checked),
-     slowest rank, median of
-     5 runs; "busbw % of link" sets each row's busbw against it (an
-     all-reduce's bus bandwidth cannot beat one link's).
+     slowest rank, median of 5 runs; "busbw % of link" sets each row's
+     busbw against it (an all-reduce's bus bandwidth cannot beat one
+     link's).
 """
 
 from __future__ import annotations
