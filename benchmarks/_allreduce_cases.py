@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 import _harness as H
+from jax_nvrar import _schedule
 
 AXIS = "tp"
 BACKENDS = ("xla", "xla_ck", "nvshmem4py", "reference", "nvshmem")
@@ -39,14 +40,16 @@ DTYPE_BITS = {"bfloat16": 8, "float16": 11, "float32": 24}
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    nodes: int
-    node_size: int
+class Layout(_schedule.Layout):
+    """The schedule's node layout, named and parsed as NODESxGPUS."""
+
+    @property
+    def nodes(self) -> int:
+        return self.num_nodes
 
     @property
     def n(self) -> int:
-        return self.nodes * self.node_size
+        return self.size
 
     @property
     def name(self) -> str:
