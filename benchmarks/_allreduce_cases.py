@@ -16,23 +16,20 @@ docstring; the pieces here are:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import time
 import traceback
 from pathlib import Path
 
 import _harness as H
-from jax_nvrar import _schedule
+from jax_nvrar import _config, _schedule
 
 AXIS = "tp"
 BACKENDS = ("xla", "xla_ck", "nvshmem4py", "reference", "nvshmem")
 #: JAX_NVRAR_ALGO values: single-node kernel variants ("auto" is labelled
 #: plain "nvshmem"). Extend here when the kernel grows a variant.
-ALGOS = ("auto", "oneshot", "twoshot", "oneshot_ll", "twoshot_ll",
-         "oneshot_lamport", "twoshot_lamport")
+ALGOS = _config.ALGOS
 #: Llama 3.1 hidden sizes: decode all-reduces are batch x hidden.
 DECODE_MODELS = {"8B": 4096, "70B": 8192, "405B": 16384}
 #: Significand bits (with the implicit one): integers below 2**bits are exact.
@@ -181,22 +178,6 @@ def default_steps(nbytes: int, target_ms: float, unroll: int,
 # Worker: runs inside each process of a group
 # --------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _env(name: str, value: str | None):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def host_input(point: Point, rank: int, m: int):
     """Rank ``rank``'s message: element i is 1 + (7 i + 5 rank) mod m."""
     import numpy as np
@@ -281,7 +262,7 @@ class JaxCase:
         x = self.inputs[key]
         algo = None if self.series.algo == "auto" else self.series.algo
         start = time.perf_counter()
-        with _env("JAX_NVRAR_ALGO", algo):  # read at trace time
+        with _config.override(JAX_NVRAR_ALGO=algo):  # read at trace time
             compiled = self._program(mesh).lower(x).compile()
         compile_s = time.perf_counter() - start
         times, outputs = H.time_runs(
@@ -379,7 +360,6 @@ def link_bandwidth(n: int, nbytes: int, *, repeats: int = 5,
     leaves every device holding its neighbour's block, which is checked.
     Collective: every process calls it."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from jax import lax
     from jax.sharding import Mesh, NamedSharding

@@ -21,7 +21,7 @@ import time
 import traceback
 
 import _harness as H
-from _allreduce_cases import Layout
+from _allreduce_cases import ITEMSIZE, Layout
 
 #: What replaces lax.psum inside the model's shard_map, in table order. xla
 #: comes first: its tokens are the baseline the others are compared with.
@@ -41,7 +41,6 @@ PSUM_DESCRIPTION = {
                  "schedule built from lax.ppermute",
     "nocomm": NOCOMM_NOTE,
 }
-ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 #: Share of the device memory limit the layer planner leaves free (compiler
 #: scratch, fragmentation, the estimate's error), plus a fixed reserve.
 MEMORY_MARGIN, MEMORY_RESERVE = 0.10, 1 << 30

@@ -87,7 +87,7 @@ if str(H.REPO) not in sys.path:  # models/ is run from the checkout
     sys.path.append(str(H.REPO))
 
 from _allreduce_cases import Layout  # noqa: E402
-from _decode_cases import BACKENDS, Workload, worker_main  # noqa: E402
+from _decode_cases import BACKENDS, Workload, variants, worker_main  # noqa: E402
 from _decode_report import (derive, merge, run_title,  # noqa: E402
                             write_outputs)
 
@@ -133,9 +133,8 @@ FORWARD = ("models", "layouts", "workloads", "decode_batches", "decode_prompt",
 # --------------------------------------------------------------------------
 
 def _cases(args, tp: int) -> int:
-    per_batch = sum(1 if b in ("xla", "nocomm") else
-                    sum(Layout.parse(l).n == tp for l in H.parse_list(args.layouts))
-                    for b in H.parse_list(args.backends))
+    per_batch = len(variants(set(H.parse_list(args.backends)),
+                             [Layout.parse(l) for l in H.parse_list(args.layouts)], tp))
     return per_batch * len(H.parse_list(args.models)) * sum(
         len(w.batches) for w in args.workload_list)
 

@@ -20,7 +20,6 @@ of 7 runs over 64 (rank 0's clock). Rows:
 Markdown on stdout (rank 0), progress on stderr.
 """
 
-import os
 import sys
 import time
 
@@ -32,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_nvrar
+from jax_nvrar import _config
 
 CALLS = 64
 SIZES = (4096, 32768, 131072, 262144, 524288)
@@ -81,15 +81,12 @@ def main():
         x = jax.device_put(jnp.full((n, size // 2), 2.0**-100, jnp.bfloat16),
                            NamedSharding(mesh, P("tp")))
         for name, reduce, mode, algo, fault in cases:
-            # Read at trace time.
-            os.environ["JAX_NVRAR_ALGO"] = algo
-            os.environ["JAX_NVRAR_FAULT_INJECT"] = fault
-            compiled = chain(mesh, reduce, mode).lower(x).compile()
+            with _config.override(JAX_NVRAR_ALGO=algo, JAX_NVRAR_FAULT_INJECT=fault):
+                compiled = chain(mesh, reduce, mode).lower(x).compile()
             rows.append((size, name, per_call_us(compiled, x)))
             if jax.process_index() == 0:
                 print(f"{size:8} {name:24} {rows[-1][2]:7.2f} us",
                       file=sys.stderr, flush=True)
-    os.environ["JAX_NVRAR_FAULT_INJECT"] = "0"
     if jax.process_index() == 0:
         print(f"# per-call time, chains of {CALLS}, {n} x "
               f"{jax.devices()[0].device_kind}, bfloat16\n")

@@ -69,11 +69,6 @@ def table_entries(points: dict) -> list[dict]:
             for (g, size), times in sorted(points.items())]
 
 
-def as_rows(entries: list[dict]) -> tuple:
-    """Entries in the form _tuning.pick takes."""
-    return tuple((e["node_size"], e["size"], tuple(sorted(e["times_us"].items())))
-                 for e in entries)
-
 
 def validate(points: dict) -> list[dict]:
     """Hold out every other size per node size; time the rule's picks."""
@@ -81,7 +76,7 @@ def validate(points: dict) -> list[dict]:
     for g in sorted({g for g, _ in points}):
         sizes = sorted(size for gg, size in points if gg == g)
         train = {(g, s): points[(g, s)] for s in sizes[0::2]}
-        entries = as_rows(table_entries(train))
+        entries = _tuning.rows(table_entries(train))
         for size in sizes[1::2]:
             by_variant = points[(g, size)]
             pick = _tuning.pick(entries, size, g)

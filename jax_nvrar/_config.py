@@ -6,6 +6,7 @@ the hot path of a compiled program. README.md's table mirrors this list.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 BACKENDS = ("auto", "xla", "reference", "nvshmem")
@@ -78,3 +79,27 @@ def get_number(name: str, kind=int, *, minimum=0):
     if number < minimum:
         raise ValueError(f"{name}={number} must be >= {minimum}")
     return number
+
+
+@contextlib.contextmanager
+def override(**values: str | None):
+    """Sets the named variables (None: unset) for what runs inside and
+    restores them after: psum reads its variables at trace time, so tests
+    and benchmarks trace with a variant or the fault switch this way."""
+    unknown = set(values) - set(VARIABLES)
+    if unknown:
+        raise KeyError(f"unknown jax_nvrar variables {sorted(unknown)}")
+    old = {name: os.environ.get(name) for name in values}
+
+    def apply(settings):
+        for name, value in settings.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    apply(values)
+    try:
+        yield
+    finally:
+        apply(old)

@@ -63,8 +63,13 @@ def _load(path: str) -> tuple:
         table = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"JAX_NVRAR_TUNING={path!r}: {error}") from None
+    return rows(check_table(table, path))
+
+
+def rows(entries) -> tuple:
+    """Table entries as hashable (node_size, size, ((variant, us), ...))."""
     return tuple((e["node_size"], e["size"], tuple(sorted(e["times_us"].items())))
-                 for e in check_table(table, path))
+                 for e in entries)
 
 
 def table_entries() -> tuple:

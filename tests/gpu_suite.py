@@ -14,7 +14,6 @@ tests/test_gpu.py runs this under pytest where GPUs exist.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -29,14 +28,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_nvrar
+from jax_nvrar import _config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
 # Elements per device: 1 element to 8 MB of bf16, odd sizes included.
 SIZES = [1, 3, 7, 8, 33, 1000, 4095, 65537, 262144, 1 << 20, 4 << 20]
 QUICK_SIZES = [1, 7, 4095, 65537, 1 << 20]
-ALGOS = ["oneshot_ll", "twoshot_ll", "oneshot", "twoshot", "oneshot_lamport",
-         "twoshot_lamport"]
+ALGOS = [algo for algo in _config.ALGOS if algo != "auto"]
 
 
 class Suite:
@@ -143,15 +142,9 @@ def global_array(mesh, dtype, count, seed, *, integer=True):
     return put(mesh, P("tp"), make)
 
 
-@contextlib.contextmanager
 def kernel_settings(algo="auto", fault="0"):
-    """JAX_NVRAR_ALGO and JAX_NVRAR_FAULT_INJECT for the programs traced
-    inside (psum reads them at trace time); the defaults afterwards."""
-    os.environ["JAX_NVRAR_ALGO"], os.environ["JAX_NVRAR_FAULT_INJECT"] = algo, fault
-    try:
-        yield
-    finally:
-        os.environ["JAX_NVRAR_ALGO"], os.environ["JAX_NVRAR_FAULT_INJECT"] = "auto", "0"
+    """The variant and fault switch for the programs traced inside."""
+    return _config.override(JAX_NVRAR_ALGO=algo, JAX_NVRAR_FAULT_INJECT=fault)
 
 
 def check_sizes(suite, n, node_size, dtype_name, algo="auto"):

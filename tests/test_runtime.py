@@ -1,6 +1,7 @@
 """The runtime's checks that run before NVSHMEM starts (CPU)."""
 
 import json
+import os
 
 import pytest
 
@@ -96,3 +97,16 @@ def test_initialize_without_the_extension_says_why(monkeypatch):
     monkeypatch.setattr(_runtime, "_C", None)
     with pytest.raises(RuntimeError):
         _runtime.initialize()
+
+
+def test_override_sets_and_restores_variables(monkeypatch):
+    monkeypatch.setenv("JAX_NVRAR_ALGO", "twoshot_ll")
+    monkeypatch.delenv("JAX_NVRAR_FAULT_INJECT", raising=False)
+    with _config.override(JAX_NVRAR_ALGO=None, JAX_NVRAR_FAULT_INJECT="1"):
+        assert _config.get("JAX_NVRAR_ALGO") == "auto"  # unset: the default
+        assert _config.get("JAX_NVRAR_FAULT_INJECT") == "1"
+    assert _config.get("JAX_NVRAR_ALGO") == "twoshot_ll"
+    assert "JAX_NVRAR_FAULT_INJECT" not in os.environ
+    with pytest.raises(KeyError, match="JAX_NVRAR_NOPE"):
+        with _config.override(JAX_NVRAR_NOPE="1"):
+            pass
