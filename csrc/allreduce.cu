@@ -581,7 +581,7 @@ struct VecSum {
 
 // Purpose: one-shot all-reduce on Lamport lines: each PE stores its whole
 // (scrubbed) input into every peer's region, slot `me`; each PE sums the G
-// inputs in local-rank order, its own from registers.
+// inputs in local-rank order, its own read again from its input.
 // Requirement: G * vectors fits one parity of the Lamport region.
 // Use-case: one node, small and mid-size messages.
 template <typename T>
