@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 
 import _harness as H
-from jax_nvrar import _config, _schedule
+from jax_nvrar import _config, _schedule, _tuning
 
 AXIS = "tp"
 BACKENDS = ("xla", "xla_ck", "nvshmem4py", "reference", "nvshmem")
@@ -260,9 +260,11 @@ class JaxCase:
                 lambda index: host_input(self.point, index[0].start or 0,
                                          self.m)[None])
         x = self.inputs[key]
-        algo = None if self.series.algo == "auto" else self.series.algo
+        algo, blocks = _tuning.split(self.series.algo)
         start = time.perf_counter()
-        with _config.override(JAX_NVRAR_ALGO=algo):  # read at trace time
+        with _config.override(  # read at trace time
+                JAX_NVRAR_ALGO=None if algo == "auto" else algo,
+                JAX_NVRAR_BLOCKS=str(blocks) if blocks else None):
             compiled = self._program(mesh).lower(x).compile()
         compile_s = time.perf_counter() - start
         times, outputs = H.time_runs(

@@ -92,6 +92,8 @@ from _allreduce_cases import (ALGOS, BACKENDS, DECODE_MODELS,  # noqa: E402
                               points_from_args, worker_main)
 from _allreduce_report import merge, run_title, write_outputs  # noqa: E402
 
+from jax_nvrar import _tuning  # noqa: E402
+
 SCRIPT = Path(__file__).resolve()
 SCHEMA = "jax_nvrar.allreduce/1"
 #: Spellings of XLA's collective-kernel flag, tried in order (XLA renamed
@@ -341,7 +343,8 @@ def parse_args(argv=None):
                         "all-reduce is swept; '' for none")
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--algos", default=",".join(ALGOS),
-                   help="JAX_NVRAR_ALGO values run on single-node layouts")
+                   help="JAX_NVRAR_ALGO values run on single-node layouts, "
+                        "each optionally as ALGO/BLOCKS (JAX_NVRAR_BLOCKS)")
     p.add_argument("--layouts", default=None,
                    help=f"NODESxGPUS list (default GPU: 1x2 and every layout "
                         f"of all GPUs, {GPU_LAYOUTS} on 4; CPU {CPU_LAYOUTS})")
@@ -380,9 +383,14 @@ def parse_args(argv=None):
     unknown = set(H.parse_list(args.backends)) - set(BACKENDS)
     if unknown:
         p.error(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
-    unknown = set(H.parse_list(args.algos)) - set(ALGOS)
-    if unknown:
-        p.error(f"unknown algos {sorted(unknown)}; choose from {ALGOS}")
+    for setting in H.parse_list(args.algos):
+        try:
+            algo, _ = _tuning.split(setting)
+        except ValueError as error:
+            p.error(str(error))
+        if algo not in ALGOS:
+            p.error(f"unknown algo {algo!r}; choose from {ALGOS}, each "
+                    f"optionally with /BLOCKS")
     unknown = set(H.parse_list(args.dtypes)) - set(DTYPE_BITS)
     if unknown:
         p.error(f"unknown dtypes {sorted(unknown)}; choose from "

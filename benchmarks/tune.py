@@ -23,8 +23,10 @@ ratio; ``--tolerance`` (10%) is the bar, and the exit status is 1 where a
 held-out pick is slower than that. Only measurements on GPUs count: a sweep of
 another kind (the CPU functional run) is refused unless --allow-test-input.
 
-Not yet tuned: block count and chunk size per variant (the kernel takes its
-grid from a fixed rule, csrc/allreduce.cu launch_grid).
+Block counts: ``--blocks 16,32,64`` also measures every candidate at those
+block counts (settings ``VARIANT/B``; the plain name is the kernel's rule,
+csrc/allreduce.cu launch_grid), and the table then chooses among all of
+them. Not tuned: threads per block and chunk size (fixed by the kernel).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def measured(payloads: list[dict], dtype: str) -> dict:
         for r in payload.get("results", []):
             if (r.get("status") == "ok" and r.get("wrong", 0) == 0
                     and r.get("base_backend") == "nvshmem" and r.get("nodes") == 1
-                    and r.get("algo") in _tuning.CANDIDATES
+                    and _tuning.split(r.get("algo", ""))[0] in _tuning.CANDIDATES
                     and r.get("dtype") == dtype and r.get("time_us")):
                 times[(r["node_size"], r["size"])][r["algo"]].append(r["time_us"])
     return {key: {v: statistics.median(ts) for v, ts in by_variant.items()}
@@ -91,15 +93,25 @@ def validate(points: dict) -> list[dict]:
     return rows
 
 
+def settings_of(entries) -> list[str]:
+    """Every setting in the entries, by variant then block count (rule first)."""
+    found = {s for e in entries for s in e["times_us"]}
+    return sorted(found, key=lambda s: (_tuning.CANDIDATES.index(_tuning.split(s)[0]),
+                                        _tuning.split(s)[1]))
+
+
 def report(table: dict, tolerance: float) -> str:
+    settings = settings_of(table["entries"])
     lines = [f"# Kernel variant table ({table['device']}, {table['dtype']})", "",
              f"Sources: {', '.join(table['sources'])}.", "",
+             "Settings: a variant with the kernel's block count rule, or "
+             "VARIANT/B with B thread blocks.", "",
              "| PEs per node | size (B) | fastest | "
-             + " | ".join(f"{v} (us)" for v in _tuning.CANDIDATES) + " |",
-             "|---:|---:|---|" + "---:|" * len(_tuning.CANDIDATES)]
+             + " | ".join(f"{v} (us)" for v in settings) + " |",
+             "|---:|---:|---|" + "---:|" * len(settings)]
     for e in table["entries"]:
         cells = [f"{e['times_us'][v]:.2f}" if v in e["times_us"] else "-"
-                 for v in _tuning.CANDIDATES]
+                 for v in settings]
         lines.append(f"| {e['node_size']} | {e['size']} | {e['fastest']} | "
                      + " | ".join(cells) + " |")
     lines += ["", "## Rule on held-out sizes (every other size left out of the table)", "",
@@ -111,7 +123,7 @@ def report(table: dict, tolerance: float) -> str:
     worst = table["validation_worst_ratio"]
     lines += ["", f"Worst held-out ratio: {worst:.3f} (bar: {1 + tolerance:.2f})."
               if worst is not None else "No held-out size was measured with the rule's pick.",
-              "", "Block count and chunk size are not tuned yet (fixed rule in "
+              "", "Not tuned: threads per block and chunk size (fixed in "
               "csrc/allreduce.cu launch_grid).", ""]
     return "\n".join(lines)
 
@@ -134,8 +146,10 @@ def build(payloads: list[dict], sources: list[str], dtype: str) -> dict:
 
 def measure(args) -> str:
     out = Path(args.sweep_dir)
+    settings = [f"{v}/{b}" if b else v for v in H.parse_list(args.variants)
+                for b in [0] + [int(b) for b in H.parse_list(args.blocks)]]
     command = [sys.executable, str(Path(__file__).with_name("allreduce.py")),
-               "--backends", "nvshmem", "--algos", ",".join(_tuning.CANDIDATES),
+               "--backends", "nvshmem", "--algos", ",".join(settings),
                "--layouts", args.layouts, "--sizes", args.sizes, "--dtypes", args.dtype,
                "--decode-models=", "--out-dir", str(out), "--prefix", "tune_sweep"]
     if args.time_budget:
@@ -152,6 +166,11 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", default="1x2,1x4", help="1xG layouts to measure")
     p.add_argument("--sizes", default=DEFAULT_SIZES)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--variants", default=",".join(_tuning.CANDIDATES),
+                   help="candidate variants to measure")
+    p.add_argument("--blocks", default="",
+                   help="block counts to measure besides the kernel's rule, "
+                        "e.g. 16,32,64")
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--sweep-dir", default=str(H.RESULTS_DIR),
                    help="where the measured sweep goes")
@@ -161,6 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--allow-test-input", action="store_true",
                    help="accept sweeps that are not GPU measurements (tests)")
     args = p.parse_args(argv)
+    unknown = set(H.parse_list(args.variants)) - set(_tuning.CANDIDATES)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {_tuning.CANDIDATES}")
     sources = args.sweeps or [measure(args)]
     payloads = [json.loads(Path(s).read_text()) for s in sources]
     for source, payload in zip(sources, payloads):

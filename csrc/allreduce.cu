@@ -78,9 +78,17 @@
 //
 // Failure. Every spin-wait has a timeout (jax_nvrar.initialize's timeout_s):
 // it prints the PE, block, phase and sequence number and traps. Testing: the
-// fault switch makes the LL and flag waits return at once and the Lamport
-// reads take what is there before waiting (the wait and emptying still run,
-// so later calls stay clean); results must then go wrong.
+// fault switch makes the LL, flag and inter-node signal waits return at once
+// and the Lamport reads take what is there before waiting (the wait and
+// emptying still run, so later calls stay clean); results must then go
+// wrong.
+//
+// Grid. Blocks come from the "blocks" attribute (psum's tuning table) or,
+// for 0, from launch_grid's rule; never more than fit on the device at once
+// (resident_blocks): blocks wait for data sent by peers' blocks, so every
+// block of a launch must be running. PEs of a group launch the same grid
+// (same attribute, same GPU model), which the flag and inter-node phases
+// need: they pair blocks of equal index.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -89,6 +97,7 @@
 #include <nvshmemx.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -164,8 +173,8 @@ struct Params {
   int steps;              // recursive-doubling steps
   int step_pe[kMaxSteps];
   int pe;
-  int fault;              // testing only: 1 = use data before it arrived
-                          // (not inter-node signals); results must go wrong
+  int fault;              // testing only: 1 = use data before it arrived;
+                          // results must go wrong
   int64_t timeout_ns;
 };
 
@@ -208,34 +217,49 @@ __device__ __forceinline__ uint4 load_line(const uint4* src) {
   return v;
 }
 
-__device__ __forceinline__ uint2 wait_line(const uint4* src, uint32_t seq,
-                                           const Params& p, Phase phase,
-                                           int64_t index) {
-  uint4 v = load_line(src);
-  if ((v.y == seq && v.w == seq) || p.fault) return make_uint2(v.x, v.z);
+// Polls load() until done(value) and returns the value; reports and traps
+// once the wait lasts longer than the timeout (the clock is read every 256
+// polls: a read costs more than a poll).
+template <typename Load, typename Done>
+__device__ __forceinline__ auto spin(Load load, Done done, const Params& p,
+                                     Phase phase, uint32_t seq,
+                                     int64_t index) {
+  auto v = load();
+  if (done(v)) return v;
   const uint64_t start = now_ns();
-  for (uint32_t polls = 1; v.y != seq || v.w != seq; ++polls) {
-    v = load_line(src);
-    // The timer is read now and then: a read costs more than a poll.
+  for (uint32_t polls = 1; !done(v); ++polls) {
+    v = load();
     if (polls % 256 == 0 && now_ns() - start > (uint64_t)p.timeout_ns)
       report_timeout(p, phase, seq, index);
   }
+  return v;
+}
+
+__device__ __forceinline__ uint2 wait_line(const uint4* src, uint32_t seq,
+                                           const Params& p, Phase phase,
+                                           int64_t index) {
+  if (p.fault) {
+    const uint4 v = load_line(src);
+    return make_uint2(v.x, v.z);
+  }
+  const uint4 v = spin([&] { return load_line(src); },
+                       [&](uint4 v) { return v.y == seq && v.w == seq; }, p,
+                       phase, seq, index);
   return make_uint2(v.x, v.z);
 }
 
 __device__ __forceinline__ void wait_signal(const uint64_t* sig, uint32_t seq,
                                             const Params& p, int64_t index) {
-  const uint64_t start = now_ns();
-  uint64_t v;
-  while (true) {
+  if (p.fault) return;
+  auto load = [&] {
+    uint64_t v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];"
                  : "=l"(v)
                  : "l"(sig)
                  : "memory");
-    if (v == seq) return;
-    if (now_ns() - start > (uint64_t)p.timeout_ns)
-      report_timeout(p, kInterNode, seq, index);
-  }
+    return v;
+  };
+  spin(load, [&](uint64_t v) { return v == seq; }, p, kInterNode, seq, index);
 }
 
 // Counts this block in; returns how many blocks came before. Release: the
@@ -260,17 +284,15 @@ __device__ __forceinline__ void wait_flag(const uint32_t* flag, uint32_t seq,
                                           const Params& p, Phase phase,
                                           int64_t index) {
   if (p.fault) return;
-  const uint64_t start = now_ns();
-  uint32_t v;
-  for (uint32_t polls = 0;; ++polls) {
+  auto load = [&] {
+    uint32_t v;
     asm volatile("ld.acquire.sys.global.u32 %0, [%1];"
                  : "=r"(v)
                  : "l"(flag)
                  : "memory");
-    if (v == seq) return;
-    if (polls % 256 == 255 && now_ns() - start > (uint64_t)p.timeout_ns)
-      report_timeout(p, phase, seq, index);
-  }
+    return v;
+  };
+  spin(load, [&](uint32_t v) { return v == seq; }, p, phase, seq, index);
 }
 
 // After every thread of the block wrote its part of a slice: thread j raises
@@ -403,18 +425,17 @@ __device__ __forceinline__ void store_vec(const Params& p, int64_t i, uint4 v) {
   for (int64_t k = 0; off + k < p.nbytes; ++k) p.out[off + k] = bytes[k];
 }
 
-// Sum of the G vectors at stride `stride` (in vectors) in `src`, in
-// local-rank order, read through L2 (peers wrote them over NVLink).
+// float32 accumulators for the 16 bytes of one vector.
 template <typename T>
-__device__ __forceinline__ uint4 reduce_vecs(const uint4* src, int64_t stride,
-                                             int G) {
-  constexpr int n = Lanes<T>::n;
-  float lo[n], hi[n], f[n];
-  uint4 v = __ldcg(src);
-  Lanes<T>::unpack(make_uint2(v.x, v.y), lo);
-  Lanes<T>::unpack(make_uint2(v.z, v.w), hi);
-  for (int s = 1; s < G; ++s) {
-    v = __ldcg(src + s * stride);
+struct VecSum {
+  static constexpr int n = Lanes<T>::n;
+  float lo[n], hi[n];
+  __device__ void set(uint4 v) {
+    Lanes<T>::unpack(make_uint2(v.x, v.y), lo);
+    Lanes<T>::unpack(make_uint2(v.z, v.w), hi);
+  }
+  __device__ void add(uint4 v) {
+    float f[n];
     Lanes<T>::unpack(make_uint2(v.x, v.y), f);
 #pragma unroll
     for (int k = 0; k < n; ++k) lo[k] += f[k];
@@ -422,8 +443,21 @@ __device__ __forceinline__ uint4 reduce_vecs(const uint4* src, int64_t stride,
 #pragma unroll
     for (int k = 0; k < n; ++k) hi[k] += f[k];
   }
-  const uint2 a = Lanes<T>::pack(lo), b = Lanes<T>::pack(hi);
-  return make_uint4(a.x, a.y, b.x, b.y);
+  __device__ uint4 get() const {
+    const uint2 a = Lanes<T>::pack(lo), b = Lanes<T>::pack(hi);
+    return make_uint4(a.x, a.y, b.x, b.y);
+  }
+};
+
+// Sum of the G vectors at stride `stride` (in vectors) in `src`, in
+// local-rank order, read through L2 (peers wrote them over NVLink).
+template <typename T>
+__device__ __forceinline__ uint4 reduce_vecs(const uint4* src, int64_t stride,
+                                             int G) {
+  VecSum<T> acc;
+  acc.set(__ldcg(src));
+  for (int s = 1; s < G; ++s) acc.add(__ldcg(src + s * stride));
+  return acc.get();
 }
 
 // Sum of the G lines at stride `stride` in `src`, in local-rank order.
@@ -541,43 +575,12 @@ __device__ __forceinline__ void store_vec_remote(uint4* dst, uint4 v) {
 __device__ __forceinline__ uint4 take_vec(uint4* src, const Params& p,
                                           Phase phase, uint32_t seq,
                                           int64_t index) {
-  uint4 v = load_line(src);
-  const uint4 early = v;
-  if (!filled(v)) {
-    const uint64_t start = now_ns();
-    for (uint32_t polls = 1; !filled(v); ++polls) {
-      v = load_line(src);
-      if (polls % 256 == 0 && now_ns() - start > (uint64_t)p.timeout_ns)
-        report_timeout(p, phase, seq, index);
-    }
-  }
+  const uint4 early = load_line(src);
+  const uint4 v = spin([&] { return load_line(src); }, filled, p, phase, seq,
+                       index);
   *src = make_uint4(kEmpty, kEmpty, kEmpty, kEmpty);
   return p.fault ? early : v;
 }
-
-// float32 accumulators for the 16 bytes of one vector.
-template <typename T>
-struct VecSum {
-  static constexpr int n = Lanes<T>::n;
-  float lo[n], hi[n];
-  __device__ void set(uint4 v) {
-    Lanes<T>::unpack(make_uint2(v.x, v.y), lo);
-    Lanes<T>::unpack(make_uint2(v.z, v.w), hi);
-  }
-  __device__ void add(uint4 v) {
-    float f[n];
-    Lanes<T>::unpack(make_uint2(v.x, v.y), f);
-#pragma unroll
-    for (int k = 0; k < n; ++k) lo[k] += f[k];
-    Lanes<T>::unpack(make_uint2(v.z, v.w), f);
-#pragma unroll
-    for (int k = 0; k < n; ++k) hi[k] += f[k];
-  }
-  __device__ uint4 get() const {
-    const uint2 a = Lanes<T>::pack(lo), b = Lanes<T>::pack(hi);
-    return make_uint4(a.x, a.y, b.x, b.y);
-  }
-};
 
 // Purpose: one-shot all-reduce on Lamport lines: each PE stores its whole
 // (scrubbed) input into every peer's region, slot `me`; each PE sums the G
@@ -808,7 +811,8 @@ struct Grid {
   int threads;
 };
 
-Grid launch_grid(int algo, int64_t nbytes) {
+// The default grid of a variant for a message of nbytes.
+Grid launch_grid_rule(int algo, int64_t nbytes) {
   if (algo == kOneShotLamport || algo == kTwoShotLamport) {
     // One 16-byte vector per thread, in small blocks up to 256 KB: the
     // stores then leave from many SMs at once.
@@ -829,11 +833,40 @@ Grid launch_grid(int algo, int64_t nbytes) {
   return {int(std::max<int64_t>(1, std::min<int64_t>(blocks, cap))), kThreads};
 }
 
+// The grid asked for: blocks_wanted blocks (0: the rule's), the rule's
+// threads.
+Grid launch_grid(int algo, int64_t nbytes, int64_t blocks_wanted) {
+  Grid grid = launch_grid_rule(algo, nbytes);
+  if (blocks_wanted > 0)
+    grid.blocks = int(std::min<int64_t>(blocks_wanted, kMaxBlocks));
+  return grid;
+}
+
+// Blocks of this kernel that fit on the device at once. Every block of a
+// launch must be resident: blocks spin on data that peers' blocks of the
+// same index range send, so a block left waiting for an SM that spinning
+// blocks hold could wait until the timeout (e.g. 128 blocks of 512 threads
+// on an H100 PCIe, 114 SMs, one such block per SM at this register count).
+template <typename T>
+int resident_blocks(int threads) {
+  auto count = [](int t) {
+    int device = 0, sms = 0, per_sm = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) !=
+            cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, allreduce_kernel<T>, t, 0) != cudaSuccess)
+      return -1;
+    return sms * per_sm;
+  };
+  static const int small = count(128), large = count(kThreads);
+  return threads == 128 ? small : large;
+}
+
 // Per (slot, node_size, group) state computed once: peers and partners.
 struct Plan {
-  Params base;
-  int node_size;
-  int num_nodes;
+  Params base;    // everything but the call's buffers, size and variant
+  int num_nodes;  // N (base.node_size is G)
 };
 
 ffi::Unexpected<ffi::Error> invalid(std::string message) {
@@ -868,7 +901,6 @@ ffi::ErrorOr<Plan> make_plan(const Runtime& rt, const std::vector<int64_t>& grou
 
   Plan plan{};
   Params& p = plan.base;
-  plan.node_size = G;
   plan.num_nodes = N;
   p.node_size = G;
   p.local_rank = member % G;
@@ -905,9 +937,21 @@ ffi::ErrorOr<Plan> make_plan(const Runtime& rt, const std::vector<int64_t>& grou
 }
 
 // Plans keyed by (group members, slot, node_size); built on first use.
+// `generation` changes when forget_plans() drops them.
 struct PlanCache {
   std::mutex mutex;
   std::map<std::vector<int64_t>, Plan> plans;
+  std::atomic<uint64_t> generation{0};
+};
+
+// The last plan a thread used, found again without locking or allocating
+// when a launch repeats the attributes of the one before (the common case:
+// with command buffers off the handler runs on every call).
+struct LastPlan {
+  std::vector<int64_t> groups;
+  int64_t group_size = -1, node_size = -1, slot = -1;
+  uint64_t generation = 0;
+  const Plan* plan = nullptr;
 };
 
 PlanCache& plan_cache() {
@@ -919,6 +963,14 @@ ffi::ErrorOr<const Plan*> find_plan(const Runtime& rt,
                                     ffi::Span<const int64_t> groups,
                                     int64_t group_size, int64_t node_size,
                                     int64_t slot) {
+  PlanCache& cache = plan_cache();
+  thread_local LastPlan last;
+  if (last.plan != nullptr && last.generation == cache.generation &&
+      last.group_size == group_size && last.node_size == node_size &&
+      last.slot == slot &&
+      std::equal(groups.begin(), groups.end(), last.groups.begin(),
+                 last.groups.end()))
+    return last.plan;
   if (group_size < 1 || groups.size() % group_size != 0)
     return invalid("jax_nvrar: malformed group table");
   if (node_size < 1 || group_size % node_size != 0)
@@ -946,7 +998,6 @@ ffi::ErrorOr<const Plan*> find_plan(const Runtime& rt,
   std::vector<int64_t> key = group;
   key.push_back(slot);
   key.push_back(node_size);
-  PlanCache& cache = plan_cache();
   std::lock_guard<std::mutex> lock(cache.mutex);
   auto it = cache.plans.find(key);
   if (it == cache.plans.end()) {
@@ -954,14 +1005,19 @@ ffi::ErrorOr<const Plan*> find_plan(const Runtime& rt,
     if (plan.has_error()) return ffi::Unexpected<ffi::Error>(plan.error());
     it = cache.plans.emplace(key, *plan).first;
   }
-  return &it->second;
+  last.groups.assign(groups.begin(), groups.end());
+  last.group_size = group_size, last.node_size = node_size, last.slot = slot;
+  last.generation = cache.generation;
+  last.plan = &it->second;
+  return last.plan;
 }
 
 template <typename T>
 ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
-                  void* out, int64_t nbytes, int64_t algo, int64_t fault) {
+                  void* out, int64_t nbytes, int64_t algo, int64_t blocks,
+                  int64_t fault) {
   Params p = plan.base;
-  const int G = plan.node_size, N = plan.num_nodes;
+  const int G = p.node_size, N = plan.num_nodes;
   p.in = static_cast<const char*>(in);
   p.out = static_cast<char*>(out);
   p.nbytes = nbytes;
@@ -974,7 +1030,13 @@ ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
         " bytes exceeds the workspace slot; jax_nvrar.psum splits larger "
         "messages, so this call bypassed it");
   p.algo = pick_variant(p, G, N, int(algo));
-  const Grid grid = launch_grid(p.algo, nbytes);
+  Grid grid = launch_grid(p.algo, nbytes, blocks);
+  const int resident = resident_blocks<T>(grid.threads);
+  if (resident < 1)
+    return ffi::Error::Internal(
+        "jax_nvrar: cannot query how many blocks of the kernel fit on the "
+        "device (cudaOccupancyMaxActiveBlocksPerMultiprocessor failed)");
+  grid.blocks = std::min(grid.blocks, resident);
   allreduce_kernel<T><<<grid.blocks, grid.threads, 0, stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
@@ -987,7 +1049,7 @@ ffi::Error allreduce(cudaStream_t stream, ffi::AnyBuffer x,
                      ffi::Result<ffi::AnyBuffer> y,
                      ffi::Span<const int64_t> groups, int64_t group_size,
                      int64_t node_size, int64_t slot, int64_t algo,
-                     int64_t fault) {
+                     int64_t blocks, int64_t fault) {
   const Runtime& rt = runtime();
   if (!rt.initialized)
     return ffi::Error::InvalidArgument(
@@ -1002,11 +1064,11 @@ ffi::Error allreduce(cudaStream_t stream, ffi::AnyBuffer x,
   const int64_t nbytes = int64_t(x.size_bytes());
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      return launch<float>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, fault);
+      return launch<float>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, blocks, fault);
     case ffi::DataType::BF16:
-      return launch<__nv_bfloat16>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, fault);
+      return launch<__nv_bfloat16>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, blocks, fault);
     case ffi::DataType::F16:
-      return launch<__half>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, fault);
+      return launch<__half>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, blocks, fault);
     default:
       return ffi::Error::InvalidArgument(
           "jax_nvrar: the kernel sums float32, bfloat16 and float16 only");
@@ -1019,6 +1081,7 @@ void forget_plans() {
   PlanCache& cache = plan_cache();
   std::lock_guard<std::mutex> lock(cache.mutex);
   cache.plans.clear();
+  ++cache.generation;
 }
 
 SlotLayout slot_layout(size_t slot_bytes) {
@@ -1058,5 +1121,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("node_size")                // PEs per (virtual) node
         .Attr<int64_t>("slot")                     // workspace slot of layout
         .Attr<int64_t>("algo")                     // Algo: variant or 0 (auto)
+        .Attr<int64_t>("blocks")                   // grid size or 0 (the rule)
         .Attr<int64_t>("fault"),                   // testing: 1 ignores flags
     {ffi::Traits::kCmdBufferCompatible});          // cudaGraph enabled

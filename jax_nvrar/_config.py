@@ -24,6 +24,10 @@ VARIABLES = {
         "auto", "single-node kernel variant: auto, oneshot, twoshot (flag "
                 "lines), oneshot_ll, twoshot_ll (LL lines), oneshot_lamport "
                 "or twoshot_lamport (Lamport lines)"),
+    "JAX_NVRAR_BLOCKS": (
+        "0", "thread blocks per kernel launch; 0: the tuning table's (or the "
+             "kernel's rule) for the message size; never more than fit on "
+             "the GPU at once"),
     "JAX_NVRAR_TUNING": (
         "", "tuning table of the single-node variants (benchmarks/tune.py "
             "writes it); empty: the table shipped in the package"),

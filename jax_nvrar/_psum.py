@@ -81,16 +81,21 @@ def _pe_of(device) -> int:
     return device.process_index
 
 
-def _kernel_variant(algo: str, nbytes: int, node_size: int) -> str:
-    """The variant a call runs on one node (several nodes always take the
-    hierarchical path). "auto": the tuning table's choice (_tuning.py).
-    Lamport lines have a region of their own; LL lines and the flag
-    variants' raw data share regions, and a raw vector left there could carry
-    words equal to a later LL call's sequence number, so the flag variants
-    run only when JAX_NVRAR_ALGO asks for them (benchmarks)."""
-    if algo != "auto":
-        return algo
-    return _tuning.variant_for(nbytes, node_size)
+def _kernel_variant(algo: str, nbytes: int, node_size: int) -> tuple[str, int]:
+    """(variant, thread blocks) of a call on one node (several nodes always
+    take the hierarchical path; blocks 0: the kernel's rule). "auto": the
+    tuning table's choice (_tuning.py); $JAX_NVRAR_BLOCKS overrides the
+    block count. Lamport lines have a region of their own; LL lines and the
+    flag variants' raw data share regions, and a raw vector left there could
+    carry words equal to a later LL call's sequence number, so the flag
+    variants run only when JAX_NVRAR_ALGO asks for them (benchmarks)."""
+    variant, blocks = ((algo, 0) if algo != "auto"
+                       else _tuning.variant_for(nbytes, node_size))
+    forced = _config.get_number("JAX_NVRAR_BLOCKS")
+    if forced and forced > _tuning.MAX_BLOCKS:
+        raise ValueError(f"JAX_NVRAR_BLOCKS={forced} exceeds the kernel's "
+                         f"{_tuning.MAX_BLOCKS} blocks per launch")
+    return variant, forced or blocks
 
 
 def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
@@ -103,14 +108,15 @@ def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
     groups = tuple(tuple(_pe_of(devices[i]) for i in group)
                    for group in pxla.axis_groups(axis_context, axes))
     slot = _runtime.slot_for(groups)
+    variant, blocks = _kernel_variant(algo, nbytes, node_size)
     return jax.ffi.ffi_lowering(_FFI_TARGET)(
         ctx, x,
         groups=np.asarray(groups, dtype=np.int64).reshape(-1),
         group_size=np.int64(len(groups[0])),
         node_size=np.int64(node_size),
         slot=np.int64(slot),
-        algo=np.int64(_runtime.algo_code(_kernel_variant(algo, nbytes,
-                                                         node_size))),
+        algo=np.int64(_runtime.algo_code(variant)),
+        blocks=np.int64(blocks),
         fault=np.int64(_config.get_number("JAX_NVRAR_FAULT_INJECT")))
 
 

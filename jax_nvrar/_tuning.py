@@ -6,8 +6,9 @@ LL lines and never run under "auto") per message size and PEs per node, and
 writes the table: ``tuning.json`` beside this file, or the file named by
 ``$JAX_NVRAR_TUNING``. Without a table, the rule of ``FALLBACK`` applies.
 
-The table keeps every candidate's measured time per (PEs per node, message
-size). Rule: take the entries of the same node size (else of the nearest
+The table keeps every candidate setting's measured time per (PEs per node,
+message size). A setting is a variant name, run with the kernel's block
+count rule, or ``VARIANT/B`` for B thread blocks (``tune.py --blocks``). Rule: take the entries of the same node size (else of the nearest
 one, in powers of two); for each variant, its time at the message size
 interpolated linearly in log(size)-log(time) between the two nearest
 measured sizes around it (beyond the measured range: the nearest size's
@@ -28,6 +29,25 @@ SCHEMA = "jax_nvrar.tuning/1"
 #: The variants "auto" may choose between.
 CANDIDATES = ("oneshot_lamport", "twoshot_lamport", "oneshot_ll", "twoshot_ll")
 SHIPPED = Path(__file__).with_name("tuning.json")
+#: Most thread blocks of one launch (csrc/allreduce.cu kMaxBlocks).
+MAX_BLOCKS = 128
+
+
+def split(setting: str) -> tuple[str, int]:
+    """``"VARIANT"`` or ``"VARIANT/B"`` as (variant, blocks); blocks 0 means
+    the kernel's rule. ValueError naming the setting when malformed."""
+    variant, _, blocks = setting.partition("/")
+    if blocks and not (blocks.isdigit() and 1 <= int(blocks) <= MAX_BLOCKS):
+        raise ValueError(f"setting {setting!r}: the block count after '/' "
+                         f"must be an integer from 1 to {MAX_BLOCKS}")
+    return variant, int(blocks or 0)
+
+
+def _is_candidate(setting: str) -> bool:
+    try:
+        return split(setting)[0] in CANDIDATES
+    except ValueError:
+        return False
 
 
 def fallback(nbytes: int) -> str:
@@ -45,9 +65,10 @@ def check_table(table: dict, where: str) -> list[dict]:
         raise ValueError(f"{where}: the table has no entries")
     for entry in entries:
         times = entry.get("times_us")
-        if not times or not set(times) <= set(CANDIDATES):
+        if not times or not all(_is_candidate(s) for s in times):
             raise ValueError(f"{where}: entry {entry} needs times_us of variants "
-                             f"among {CANDIDATES}")
+                             f"among {CANDIDATES}, each optionally with "
+                             f"'/BLOCKS' (1 to {MAX_BLOCKS})")
         if not all(isinstance(t, (int, float)) and t > 0 for t in times.values()):
             raise ValueError(f"{where}: entry {entry} has a time that is not positive")
         if not (isinstance(entry.get("node_size"), int) and entry["node_size"] > 0
@@ -93,7 +114,7 @@ def _interpolate(points: list, x: float) -> float:
 
 
 def pick(entries, nbytes: int, node_size: int) -> str | None:
-    """The variant the rule picks from ``entries`` ((node_size, size,
+    """The setting the rule picks from ``entries`` ((node_size, size,
     ((variant, us), ...)) rows) for a message of ``nbytes`` bytes on
     ``node_size`` PEs per node; None without entries."""
     if not entries:
@@ -109,6 +130,7 @@ def pick(entries, nbytes: int, node_size: int) -> str | None:
     return min(sorted(curves), key=lambda v: _interpolate(curves[v], x))
 
 
-def variant_for(nbytes: int, node_size: int) -> str:
-    """The variant backend="auto" runs on one node."""
-    return pick(table_entries(), nbytes, node_size) or fallback(nbytes)
+def variant_for(nbytes: int, node_size: int) -> tuple[str, int]:
+    """(variant, blocks) backend="auto" runs on one node; blocks 0: the
+    kernel's rule."""
+    return split(pick(table_entries(), nbytes, node_size) or fallback(nbytes))

@@ -142,18 +142,20 @@ def global_array(mesh, dtype, count, seed, *, integer=True):
     return put(mesh, P("tp"), make)
 
 
-def kernel_settings(algo="auto", fault="0"):
-    """The variant and fault switch for the programs traced inside."""
-    return _config.override(JAX_NVRAR_ALGO=algo, JAX_NVRAR_FAULT_INJECT=fault)
+def kernel_settings(algo="auto", fault="0", blocks=0):
+    """The variant, block count (0: the table's or the kernel's rule) and
+    fault switch for the programs traced inside."""
+    return _config.override(JAX_NVRAR_ALGO=algo, JAX_NVRAR_FAULT_INJECT=fault,
+                            JAX_NVRAR_BLOCKS=str(blocks))
 
 
-def check_sizes(suite, n, node_size, dtype_name, algo="auto"):
+def check_sizes(suite, n, node_size, dtype_name, algo="auto", blocks=0):
     mesh = mesh_1d(n)
     dtype = DTYPES[dtype_name]
     sizes = QUICK_SIZES if suite.quick else SIZES
 
     def body():
-        with kernel_settings(algo):
+        with kernel_settings(algo, blocks=blocks):
             return sweep()
 
     def sweep():
@@ -173,8 +175,10 @@ def check_sizes(suite, n, node_size, dtype_name, algo="auto"):
                     return f"count={count} integer={integer}: {problem}"
         return None
 
+    grid = f", {blocks} blocks" if blocks else ""
     suite.check(f"{n} PEs, {n // node_size}x{node_size}, {dtype_name}, "
-                f"algo {algo}, {len(sizes)} sizes x (integer, random)", body)
+                f"algo {algo}{grid}, {len(sizes)} sizes x (integer, random)",
+                body)
 
 
 def check_stale_outputs(suite, n, node_size):
@@ -342,9 +346,12 @@ def main():
         if "sizes" in groups:
             for dtype_name in DTYPES:
                 check_sizes(suite, n, node_size, dtype_name)
+            # A small odd grid: several vectors per thread, uneven slices.
+            check_sizes(suite, n, node_size, "bfloat16", blocks=3)
             if node_size == n:  # the single-node variants, each forced
                 for algo in ALGOS:
                     check_sizes(suite, n, node_size, "bfloat16", algo)
+                    check_sizes(suite, n, node_size, "bfloat16", algo, blocks=3)
         if "stale" in groups:
             check_stale_outputs(suite, n, node_size)
         if "calls" in groups:
@@ -361,6 +368,8 @@ def main():
     if "negative" in groups:
         for algo in ["auto"] + ALGOS:
             check_negative_control(suite, n, layouts[0], algo)
+        if len(layouts) > 1:  # several nodes: the inter-node path too
+            check_negative_control(suite, n, layouts[1])
     suite.log(f"{suite.count - len(suite.failures)} passed, "
               f"{len(suite.failures)} failed")
     jax_nvrar.finalize()

@@ -67,12 +67,13 @@ def test_shipped_table_is_valid_and_measured():
     assert "H100" in shipped["device"]
     assert {e["node_size"] for e in entries} == {2, 4}
     for nbytes in (4, 4096, 300_000, 1 << 20, 64 << 20):
-        assert _tuning.variant_for(nbytes, 4) in _tuning.CANDIDATES
+        variant, blocks = _tuning.variant_for(nbytes, 4)
+        assert variant in _tuning.CANDIDATES and 0 <= blocks <= _tuning.MAX_BLOCKS
 
 
 def _lower_variant(monkeypatch, nbytes_per_device):
-    """The kernel's algo attribute for psum(backend='auto' variant) lowered
-    for CUDA on the CPU, with a stand-in runtime."""
+    """The kernel's (algo, blocks) attributes for psum(backend='nvshmem')
+    lowered for CUDA on the CPU, with a stand-in runtime."""
     from jax_nvrar import _psum, _runtime
     monkeypatch.setattr(_runtime, "require", lambda: type("R", (), {"slot_bytes": 128 << 20}))
     monkeypatch.setattr(_runtime, "slot_for", lambda table: 0)
@@ -86,7 +87,8 @@ def _lower_variant(monkeypatch, nbytes_per_device):
                              sharding=NamedSharding(mesh, P("tp")))
     text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
     call = next(line for line in text.splitlines() if "@nvrar_allreduce" in line)
-    return int(call.split("algo = ")[1].split(" ")[0])
+    return tuple(int(call.split(f"{name} = ")[1].split(" ")[0])
+                 for name in ("algo", "blocks"))
 
 
 def test_psum_runs_the_variant_the_table_names(monkeypatch, tmp_path):
@@ -96,8 +98,38 @@ def test_psum_runs_the_variant_the_table_names(monkeypatch, tmp_path):
         {"node_size": 4, "size": 1 << 20, "times_us": {"twoshot_ll": 9.0, "oneshot_lamport": 2.0}},
     ]}))
     monkeypatch.setenv("JAX_NVRAR_TUNING", str(path))
-    assert _lower_variant(monkeypatch, 4096) == 2        # twoshot_ll
-    assert _lower_variant(monkeypatch, 1 << 20) == 5     # oneshot_lamport
+    assert _lower_variant(monkeypatch, 4096) == (2, 0)     # twoshot_ll, rule
+    assert _lower_variant(monkeypatch, 1 << 20) == (5, 0)  # oneshot_lamport
+
+
+def test_table_settings_carry_block_counts(monkeypatch, tmp_path):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"schema": _tuning.SCHEMA, "entries": [
+        {"node_size": 4, "size": 4096,
+         "times_us": {"oneshot_lamport": 3.0, "oneshot_lamport/16": 2.0,
+                      "twoshot_lamport/64": 4.0}},
+        {"node_size": 4, "size": 1 << 20,
+         "times_us": {"oneshot_lamport": 30.0, "oneshot_lamport/16": 20.0,
+                      "twoshot_lamport/64": 9.0}},
+    ]}))
+    monkeypatch.setenv("JAX_NVRAR_TUNING", str(path))
+    assert _lower_variant(monkeypatch, 4096) == (5, 16)
+    assert _lower_variant(monkeypatch, 1 << 20) == (6, 64)
+    # $JAX_NVRAR_BLOCKS overrides the table's count, not its variant.
+    monkeypatch.setenv("JAX_NVRAR_BLOCKS", "8")
+    assert _lower_variant(monkeypatch, 1 << 20) == (6, 8)
+    monkeypatch.setenv("JAX_NVRAR_BLOCKS", "129")
+    with pytest.raises(ValueError, match="JAX_NVRAR_BLOCKS=129 exceeds"):
+        _lower_variant(monkeypatch, 4096)
+
+
+@pytest.mark.parametrize("setting", ["oneshot_lamport/0", "oneshot_lamport/x",
+                                     "oneshot_lamport/129", "oneshot/8"])
+def test_malformed_settings_are_refused(setting):
+    table = {"schema": _tuning.SCHEMA, "entries": [
+        {"node_size": 4, "size": 4096, "times_us": {setting: 1.0}}]}
+    with pytest.raises(ValueError, match="needs times_us of variants"):
+        _tuning.check_table(table, "t.json")
 
 
 def test_unreadable_table_is_an_error_naming_it(monkeypatch, tmp_path):
