@@ -46,6 +46,7 @@ class _State:
     slot_bytes: int
     slots: dict  # group layout (tuple of tuples of PEs) -> slot index
     max_slots: int
+    client: object = None  # jax.distributed's key-value store client
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
@@ -123,7 +124,7 @@ def _share_unique_id(client, process_id: int, timeout_ms: int) -> bytes:
 _SHARED_VARIABLES = ("JAX_NVRAR_BACKEND", "JAX_NVRAR_NODE_SIZE",
                      "JAX_NVRAR_ALGO", "JAX_NVRAR_AUTO_MAX_KB",
                      "JAX_NVRAR_AUTO_MAX_KB_NODES", "JAX_NVRAR_FAULT_INJECT",
-                     "JAX_NVRAR_TUNING")
+                     "JAX_NVRAR_TUNING", "JAX_NVRAR_BLOCKS")
 
 
 def _shared_settings(workspace_mb: int, slots: int, timeout_s: float) -> dict:
@@ -222,11 +223,11 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
                        timeout_ms)
     uid = _share_unique_id(dist.client, process_id, timeout_ms=timeout_ms)
     slot_bytes = workspace_mb << 20
-    _C.init(uid, process_id, n_processes, _local_gpu(), slot_bytes, slots,
-            timeout_s)
+    gpu = _local_gpu()
+    _C.init(uid, process_id, n_processes, gpu, slot_bytes, slots, timeout_s)
     _Runtime.state = _State(
         pe=_C.my_pe(), n_pes=_C.n_pes(), node_pes=tuple(_C.node_pes()),
-        slot_bytes=slot_bytes, slots={}, max_slots=slots)
+        slot_bytes=slot_bytes, slots={}, max_slots=slots, client=dist.client)
     # The trait lets XLA record the kernel into command buffers (CUDA
     # graphs); without it every call is launched from the host.
     from jax._src.lib import xla_client
@@ -234,12 +235,20 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
         jax.ffi.register_ffi_target(
             name, capsule, platform="CUDA",
             traits=xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE)
-    if len(jax.local_devices()) != 1:
+    devices = jax.local_devices()
+    if len(devices) != 1:
         finalize()
         raise RuntimeError(
             f"backend='nvshmem' needs exactly one GPU per process; this "
-            f"process has {len(jax.local_devices())}. Start one process per "
+            f"process has {len(devices)}. Start one process per "
             "GPU (python -m jax_nvrar.launch does).")
+    if devices[0].local_hardware_id != gpu:
+        finalize()
+        raise RuntimeError(
+            f"NVSHMEM runs on CUDA device {gpu} (from the local rank) but JAX "
+            f"uses CUDA device {devices[0].local_hardware_id}: pass "
+            f"local_device_ids=[{gpu}] to jax.distributed.initialize() or "
+            "start the program with python -m jax_nvrar.launch")
 
 
 def finalize() -> None:
@@ -258,24 +267,47 @@ def node_size() -> int | None:
     return None if state is None else len(state.node_pes)
 
 
-def slot_for(groups: tuple[tuple[int, ...], ...]) -> int:
-    """The workspace slot of a reduction-group layout.
+_SLOT_KEY = "jax_nvrar/slot/{}"
 
-    Every process lowers the same programs in the same order (SPMD), so
-    assigning slots in order of first use gives every PE the same slot for
-    the same layout. Layouts of one slot are disjoint groups of PEs, so each
-    group's sequence numbers advance only with its own calls.
+
+def _claim_slot(client, layout: str, max_slots: int) -> int | None:
+    """The slot of a layout, agreed through jax.distributed's store: the
+    first process to need it claims the lowest free slot for it; the others
+    find the claim. The store orders the claims, so every process gets the
+    same slot whatever order it lowers its programs in. None: all taken."""
+    for slot in range(max_slots):
+        key = _SLOT_KEY.format(slot)
+        try:
+            client.key_value_set(key, layout)  # refused if already claimed
+            return slot
+        except RuntimeError as error:  # jax.errors.JaxRuntimeError
+            if "ALREADY_EXISTS" not in str(error):
+                raise
+        if client.key_value_try_get(key) == layout:
+            return slot
+    return None
+
+
+def slot_for(groups: tuple[tuple[int, ...], ...]) -> int:
+    """The workspace slot of a reduction-group layout: the same in every
+    process (_claim_slot). Layouts of one slot are disjoint groups of PEs,
+    so each group's sequence numbers advance only with its own calls.
     """
     state = require()
     with state.lock:
         if groups not in state.slots:
-            if len(state.slots) == state.max_slots:
+            layout = hashlib.sha256(repr(groups).encode()).hexdigest()
+            slot = (_claim_slot(state.client, layout, state.max_slots)
+                    if state.client is not None else
+                    len(state.slots) if len(state.slots) < state.max_slots
+                    else None)
+            if slot is None:
                 raise RuntimeError(
                     f"jax_nvrar uses {state.max_slots} reduction-group "
-                    f"layouts already ({list(state.slots)}; each distinct set "
-                    "of reduced mesh axes is one); raise JAX_NVRAR_SLOTS or "
-                    "slots= in initialize()")
-            state.slots[groups] = len(state.slots)
+                    f"layouts already ({list(state.slots)} in this process; "
+                    "each distinct set of reduced mesh axes is one); raise "
+                    "JAX_NVRAR_SLOTS or slots= in initialize()")
+            state.slots[groups] = slot
         return state.slots[groups]
 
 

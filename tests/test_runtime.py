@@ -2,6 +2,9 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -110,3 +113,54 @@ def test_override_sets_and_restores_variables(monkeypatch):
     with pytest.raises(KeyError, match="JAX_NVRAR_NOPE"):
         with _config.override(JAX_NVRAR_NOPE="1"):
             pass
+
+
+def _slots_in_lowering_order(client, order, max_slots=4):
+    """slot_for in a simulated process that lowers the layouts in `order`."""
+    state = _runtime._State(pe=0, n_pes=4, node_pes=(0, 1, 2, 3),
+                            slot_bytes=1 << 20, slots={},
+                            max_slots=max_slots, client=client)
+    old, _runtime._Runtime.state = _runtime._Runtime.state, state
+    try:
+        return {layout: _runtime.slot_for(layout) for layout in order}
+    finally:
+        _runtime._Runtime.state = old
+
+
+TP = ((0, 1), (2, 3))   # 'tp' of a 2x2 ('dp', 'tp') mesh
+DP = ((0, 2), (1, 3))   # 'dp'
+ALL = ((0, 1, 2, 3),)
+
+
+def test_slots_agree_whatever_order_processes_lower_in():
+    # The real store of jax.distributed, in a fresh process (it starts once
+    # per process): two simulated processes share it.
+    script = f"""
+import jax
+jax.distributed.initialize("localhost:{_free_port()}", num_processes=1,
+                           process_id=0)
+from jax._src import distributed
+import test_runtime as t
+client = distributed.global_state.client
+a = t._slots_in_lowering_order(client, [t.TP, t.DP, t.ALL])
+b = t._slots_in_lowering_order(client, [t.ALL, t.DP, t.TP])
+assert a == b == {{t.TP: 0, t.DP: 1, t.ALL: 2}}, (a, b)
+try:
+    t._slots_in_lowering_order(client, [((0, 3), (1, 2))], max_slots=3)
+except RuntimeError as error:
+    assert "raise JAX_NVRAR_SLOTS" in str(error), error
+else:
+    raise AssertionError("a fourth layout got one of three slots")
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
