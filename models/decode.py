@@ -118,8 +118,15 @@ def parse_args(argv=None):
                    help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices when running on CPU")
     p.add_argument("--no-warmup", action="store_true", help="time the first (compiling) run")
+    p.add_argument("--compare-with", default="",
+                   help="comma list of other all-reduces (nvrar, reference, xla) that generate the same "
+                        "prompts on the same weights; their tokens are compared with this run's")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     args = p.parse_args(argv)
+    args.compare_with = [name for name in args.compare_with.split(",") if name]
+    unknown = set(args.compare_with) - {"nvrar", "reference", "xla"}
+    if unknown:
+        p.error(f"--compare-with: unknown all-reduces {sorted(unknown)}; expected nvrar, reference or xla")
     for name in ("batch", "prompt_len", "gen_len", "cpu_devices"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -142,11 +149,24 @@ def _prompts(args, tokenizer, vocab_size):
     return [rng.integers(0, vocab_size, size=n).tolist() for n in lengths]
 
 
+def compare_tokens(tokens, other) -> dict:
+    """How two runs' generated tokens ``[B, gen_len]`` differ. Greedy decoding follows its first
+    difference into a different continuation, so ``first_mismatch_step`` (the earliest step where any
+    row differs) says more than the count."""
+    import numpy as np
+
+    differ = np.asarray(tokens) != np.asarray(other)
+    steps = np.flatnonzero(differ.any(axis=0))
+    return {"mismatched": int(differ.sum()), "compared": int(differ.size),
+            "first_mismatch_step": int(steps[0]) if steps.size else None,
+            "rows_identical": int((~differ.any(axis=1)).sum())}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cuda = _cuda_expected()
     _configure_devices(args)
-    if args.allreduce == "nvrar" and cuda:
+    if "nvrar" in [args.allreduce] + args.compare_with and cuda:
         import jax_nvrar
 
         jax_nvrar.initialize()
@@ -199,6 +219,11 @@ def main(argv=None) -> dict:
         tokens, timing = gen.generate(prompts, args.gen_len, seed=args.seed)
     if routes.counts:
         _log(f"all-reduces traced: {routes.describe()}")
+    comparisons = {}
+    for name in args.compare_with:
+        other, _ = Generator(graphdef, state, mesh, tp_lib.get_psum(name), sampling).generate(
+            prompts, args.gen_len, seed=args.seed)
+        comparisons[name] = compare_tokens(tokens, other)
 
     steps = args.gen_len - 1
     step_s = timing["decode_s"] / steps if steps else float("nan")
@@ -212,6 +237,7 @@ def main(argv=None) -> dict:
         "weight_read_gb_per_s": weight_bytes / step_s / 1e9 if steps else float("nan"),
         "tokens": [row.tolist() for row in tokens],
         "allreduce_routes": routes.summary(),
+        "token_comparisons": comparisons,
     }
     if jax.process_index() == 0:
         for i, row in enumerate(tokens):
@@ -221,6 +247,11 @@ def main(argv=None) -> dict:
         print(f"decode:  {summary['decode_step_ms']:.3f} ms/step mean over {steps} steps, "
               f"{summary['decode_tokens_per_s']:.1f} tokens/s (batch {summary['batch']}), "
               f"weights {_size(weight_bytes)}/device read at {summary['weight_read_gb_per_s']:.2f} GB/s")
+        for name, c in comparisons.items():
+            verdict = ("identical" if c["mismatched"] == 0 else
+                       f"{c['mismatched']} differ, first at step {c['first_mismatch_step']}; "
+                       f"rows identical: {c['rows_identical']} of {len(prompts)}")
+            print(f"tokens vs {name}: {verdict} ({c['compared']} compared)")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=2)

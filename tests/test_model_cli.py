@@ -95,3 +95,20 @@ def test_summary_says_where_each_all_reduce_went(tmp_path):
     assert summary == json.loads(out.read_text())
     assert len(summary["tokens"]) == 2 and all(len(row) == 3 for row in summary["tokens"])
     assert decode.main(["--tp", "2", "--allreduce", "xla", "--gen-len", "2"])["allreduce_routes"] == []
+
+
+def test_compare_with_other_all_reduces(capsys):
+    # Same weights and prompts through another all-reduce: xla against itself is identical; the
+    # counts come from a real comparison (a doctored copy differs where it was changed).
+    summary = decode.main(["--tp", "2", "--allreduce", "xla", "--compare-with", "xla,reference",
+                           "--batch", "2", "--gen-len", "4", "--no-warmup"])
+    same = summary["token_comparisons"]["xla"]
+    assert same == {"mismatched": 0, "compared": 8, "first_mismatch_step": None, "rows_identical": 2}
+    assert summary["token_comparisons"]["reference"]["compared"] == 8
+    assert "tokens vs xla: identical (8 compared)" in capsys.readouterr().out
+    tokens = [row[:] for row in summary["tokens"]]
+    tokens[1][2] += 1
+    assert decode.compare_tokens(summary["tokens"], tokens) == {
+        "mismatched": 1, "compared": 8, "first_mismatch_step": 2, "rows_identical": 1}
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--compare-with", "nccl"])
