@@ -26,7 +26,7 @@ import _harness as H
 from jax_nvrar import _config, _schedule, _tuning
 
 AXIS = "tp"
-BACKENDS = ("xla", "xla_ck", "nvshmem4py", "reference", "nvshmem")
+BACKENDS = ("xla", "xla_ck", "nvshmem4py", "reference", "nvshmem", "auto")
 #: JAX_NVRAR_ALGO values: single-node kernel variants ("auto" is labelled
 #: plain "nvshmem"). Extend here when the kernel grows a variant.
 ALGOS = _config.ALGOS
@@ -148,6 +148,8 @@ def group_series(kind: str, layouts, backends, algos) -> list[Series]:
                 # layouts always run the NVRAR path, so one series there.
                 for algo in (algos if single else ("auto",)):
                     series.append(Series("nvshmem", layout, algo))
+            if "auto" in backends:  # what jax_nvrar.psum's default does
+                series.append(Series("auto", layout))
         elif kind in ("xla_ck", "nvshmem4py") and single and kind in backends:
             series.append(Series(kind, layout))
     return series
@@ -406,7 +408,7 @@ def worker_main(args, *, cpu: bool, emit, rank0: bool) -> None:
     skipped = []
 
     nvshmem_ok, nvshmem_reason = False, None
-    if any(s.backend == "nvshmem" for s in series):
+    if any(s.backend in ("nvshmem", "auto") for s in series):
         if cpu:
             nvshmem_reason = ("functional CPU run: the NVSHMEM kernel needs "
                               "CUDA GPUs (one process per GPU)")
@@ -426,7 +428,7 @@ def worker_main(args, *, cpu: bool, emit, rank0: bool) -> None:
             series = []
     runnable = []
     for s in series:
-        if s.backend == "nvshmem" and not nvshmem_ok:
+        if s.backend in ("nvshmem", "auto") and not nvshmem_ok:
             skipped.append({"backend": s.label, "layout": s.layout.name,
                             "reason": nvshmem_reason})
         elif s.layout.n > n_devices or (not cpu and s.layout.n != n_devices):

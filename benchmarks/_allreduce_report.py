@@ -139,7 +139,7 @@ def _style(label: str) -> dict:
     """Colour by backend, line style by layout, so lines read across panels."""
     backend, _, layout = label.partition(" @ ")
     colours = {"xla": "black", "xla_ck": "grey", "nvshmem4py": "tab:purple",
-               "reference": "tab:blue", "nvshmem": "tab:red",
+               "reference": "tab:blue", "nvshmem": "tab:red", "auto": "tab:cyan",
                "nvshmem:oneshot": "tab:orange", "nvshmem:twoshot": "tab:green",
                "nvshmem:oneshot_ll": "gold", "nvshmem:twoshot_ll": "tab:olive",
                "nvshmem:oneshot_lamport": "tab:pink",

@@ -19,7 +19,9 @@ Modes
     process per GPU) once per *group* and merges the groups' results.
     A group is what must share processes:
       - ``N:default``   XLA psum (NCCL), the reference NVRAR schedule, the
-        NVRAR kernel and its single-node variants, on every layout of N GPUs;
+        NVRAR kernel and its single-node variants, and ``auto`` (jax_nvrar.psum's
+        default: the kernel up to JAX_NVRAR_AUTO_MAX_KB[_NODES], XLA above),
+        on every layout of N GPUs;
       - ``N:xla_ck``    XLA psum with XLA's own collective kernels enabled
         (``--xla_gpu_experimental_use_collective_kernels``). XLA_FLAGS are read
         when the backend starts, so this needs its own processes;
