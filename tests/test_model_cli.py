@@ -103,12 +103,35 @@ def test_compare_with_other_all_reduces(capsys):
     summary = decode.main(["--tp", "2", "--allreduce", "xla", "--compare-with", "xla,reference",
                            "--batch", "2", "--gen-len", "4", "--no-warmup"])
     same = summary["token_comparisons"]["xla"]
-    assert same == {"mismatched": 0, "compared": 8, "first_mismatch_step": None, "rows_identical": 2}
+    assert {k: same[k] for k in ("mismatched", "compared", "first_mismatch_step", "rows_identical")} == {
+        "mismatched": 0, "compared": 8, "first_mismatch_step": None, "rows_identical": 2}
+    forced = same["teacher_forced"]
+    assert (forced["max_abs_diff"], forced["differing"], forced["positions"]) == (0.0, 0, 8)
+    assert forced["logit_std"] > 0
     assert summary["token_comparisons"]["reference"]["compared"] == 8
-    assert "tokens vs xla: identical (8 compared)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tokens vs xla: identical (8 compared)" in out and "teacher-forced" in out
     tokens = [row[:] for row in summary["tokens"]]
     tokens[1][2] += 1
     assert decode.compare_tokens(summary["tokens"], tokens) == {
         "mismatched": 1, "compared": 8, "first_mismatch_step": 2, "rows_identical": 1}
     with pytest.raises(SystemExit):
         decode.parse_args(["--compare-with", "nccl"])
+
+
+def test_teacher_forced_sees_a_wrong_all_reduce():
+    import jax
+
+    from models import config, tp as tp_lib
+    from models.generate import Generator
+
+    cfg = config.get_config("tiny", dtype="float32")
+    mesh = tp_lib.make_mesh(2)
+    graphdef, state = tp_lib.init_weights(cfg, mesh, seed=0)
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    gen = Generator(graphdef, state, mesh, jax.lax.psum)
+    tokens, _ = gen.generate(prompts, 5)
+    wrong = Generator(graphdef, state, mesh, lambda x, axis: x)  # no all-reduce at all
+    forced = decode.teacher_forced(gen, wrong, prompts, tokens)
+    assert forced["positions"] == 10 and forced["max_abs_diff"] > 0.01
+    assert forced["max_margin_where_differ"] <= 2 * forced["max_abs_diff"]
