@@ -8,8 +8,9 @@ writes the table: ``tuning.json`` beside this file, or the file named by
 
 The table keeps every candidate setting's measured time per (PEs per node,
 message size). A setting is a variant name, run with the kernel's block
-count rule, or ``VARIANT/B`` for B thread blocks (``tune.py --blocks``). Rule: take the entries of the same node size (else of the nearest
-one, in powers of two); for each variant, its time at the message size
+count rule, or ``VARIANT/B`` for B thread blocks (``tune.py --blocks``).
+Rule: take the entries of the same node size (else of the nearest one, in
+powers of two); for each setting, its time at the message size
 interpolated linearly in log(size)-log(time) between the two nearest
 measured sizes around it (beyond the measured range: the nearest size's
 time); the fastest wins. tune.py checks the rule on sizes it held out of

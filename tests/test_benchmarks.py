@@ -146,7 +146,8 @@ def test_series_per_group():
         "default", layouts, set(cases.BACKENDS), cases.ALGOS)]
     variants = [(f"nvshmem:{a}", "1x4") for a in cases.ALGOS if a != "auto"]
     assert labels == [("xla", "1x4"), ("reference", "1x4"), ("nvshmem", "1x4"),
-                      *variants, ("reference", "2x2"), ("nvshmem", "2x2")]
+                      *variants, ("auto", "1x4"),
+                      ("reference", "2x2"), ("nvshmem", "2x2"), ("auto", "2x2")]
     assert len(variants) == 6
     assert [s.label for s in cases.group_series(
         "xla_ck", layouts, set(cases.BACKENDS), cases.ALGOS)] == ["xla_ck"]
