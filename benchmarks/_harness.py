@@ -154,9 +154,10 @@ def nvidia_smi() -> dict | None:
 
 
 def gpu_count() -> int:
-    """GPUs nvidia-smi lists (0 without nvidia-smi), without starting JAX."""
-    info = nvidia_smi()
-    return len(info["gpus"]) if info else 0
+    """GPUs this process may use, as the launcher counts them (nvidia-smi's
+    list, cut to CUDA_VISIBLE_DEVICES), without starting JAX."""
+    from jax_nvrar.launch import visible_gpu_count
+    return visible_gpu_count()
 
 
 def git_info() -> dict:

@@ -166,7 +166,7 @@ def initialize_distributed(platform: str | None = None) -> DistributedConfig:
     if config.coordinator is None and config.source == "ompi":
         raise RuntimeError("under mpirun, set JAX_NVRAR_COORDINATOR=host:port (a free port on rank 0's "
                            "host) for jax.distributed")
-    platform = platform or config.platform or ("gpu" if _visible_gpu_count() else "cpu")
+    platform = platform or config.platform or ("gpu" if visible_gpu_count() else "cpu")
     if platform not in ("cpu", "gpu"):
         raise ValueError(f"platform={platform!r}: expected 'cpu' or 'gpu'")
 
@@ -187,7 +187,7 @@ def initialize_distributed(platform: str | None = None) -> DistributedConfig:
     return config
 
 
-def _visible_gpu_count() -> int:
+def visible_gpu_count() -> int:
     """GPUs this process may use: none unless `nvidia-smi -L` lists some; then as many as
     CUDA_VISIBLE_DEVICES names when it is set, else all of them."""
     try:
@@ -345,7 +345,7 @@ def _job_from_args(argv: list[str]) -> _Job:
             raise ValueError(f"script {args.target!r} not found (use -m to run a module)")
         coordinator = (_check_coordinator(args.coordinator) if args.coordinator
                        else f"127.0.0.1:{_free_port('127.0.0.1')}")
-        gpus = _visible_gpu_count() if args.platform != "cpu" else 0
+        gpus = visible_gpu_count() if args.platform != "cpu" else 0
         platform = args.platform if args.platform != "auto" else ("gpu" if gpus else "cpu")
         nproc = args.nproc_per_node
         if nproc is None:

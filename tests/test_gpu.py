@@ -6,12 +6,13 @@ project supports and checks its exit status.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from jax_nvrar.launch import visible_gpu_count
 
 SUITE = Path(__file__).with_name("gpu_suite.py")
 # XLA's defaults record the kernel into command buffers (CUDA graphs); the
@@ -19,11 +20,6 @@ SUITE = Path(__file__).with_name("gpu_suite.py")
 COMMAND_BUFFERS = {"on": "", "off": "--xla_gpu_enable_command_buffer="}
 
 
-def gpu_count() -> int:
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return out.stdout.count("GPU ") if out.returncode == 0 else 0
 
 
 def extension_built() -> bool:
@@ -34,12 +30,12 @@ def extension_built() -> bool:
     return True
 
 
-@pytest.mark.skipif(gpu_count() < 2, reason="needs 2 or more GPUs")
+@pytest.mark.skipif(visible_gpu_count() < 2, reason="needs 2 or more GPUs")
 @pytest.mark.skipif(not extension_built(), reason="CUDA extension not built")
 @pytest.mark.parametrize("command_buffers", ["off", "on"])
 @pytest.mark.parametrize("nproc", [2, 3, 4])  # 3: three nodes of one
 def test_gpu_suite(nproc, command_buffers):
-    if nproc > gpu_count():
+    if nproc > visible_gpu_count():
         pytest.skip(f"needs {nproc} GPUs")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env["XLA_FLAGS"] = COMMAND_BUFFERS[command_buffers]

@@ -192,7 +192,7 @@ def test_sigint_is_forwarded(tmp_path):
 def test_bad_arguments_are_reported(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "prog.py").write_text("")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(launch, "_visible_gpu_count", lambda: 0)
+    monkeypatch.setattr(launch, "visible_gpu_count", lambda: 0)
     with pytest.raises(SystemExit) as exit_:
         launch.main(args)
     assert exit_.value.code == 2
@@ -217,7 +217,7 @@ def test_config_from_slurm_and_open_mpi():
 
 
 @pytest.mark.parametrize("visible, count", [(None, 4), ("0,1", 2), ("2", 1), ("", 0), ("0,-1,1", 1)])
-def test_visible_gpu_count(monkeypatch, visible, count):
+def testvisible_gpu_count(monkeypatch, visible, count):
     listing = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})\n" for i in range(4))
     monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
         a, 0, stdout=listing, stderr=""))
@@ -225,7 +225,7 @@ def test_visible_gpu_count(monkeypatch, visible, count):
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert launch._visible_gpu_count() == count
+    assert launch.visible_gpu_count() == count
 
 
 @pytest.mark.parametrize("differ", [False, True])
