@@ -56,7 +56,7 @@ import traceback
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
-__all__ = ["DistributedConfig", "initialize_distributed", "main"]
+__all__ = ["DistributedConfig", "initialize_distributed", "main", "visible_gpu_count"]
 
 _WORKER_FLAG = "--_worker"
 _PLATFORMS = ("auto", "cpu", "gpu")
