@@ -238,7 +238,8 @@ def prompts_for(vocab_size: int, batch: int, prompt_len: int, seed: int):
 
 def _generate(gen, tokens, start, key, max_len: int, gen_len: int, *,
               sync_steps: bool):
-    """Prefill + ``gen_len - 1`` decode steps, as models.generate does.
+    """Prefill + ``gen_len - 1`` decode steps, dispatched back to back
+    (each step waited for if ``sync_steps``).
     -> (tokens [B, gen_len], per-step seconds if ``sync_steps``, total s)."""
     import jax
     import numpy as np
@@ -246,15 +247,8 @@ def _generate(gen, tokens, start, key, max_len: int, gen_len: int, *,
 
     begin = time.perf_counter()
     nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=max_len)
-    out, steps = [nxt], []
-    for _ in range(gen_len - 1):
-        t = time.perf_counter()
-        nxt, cache = gen.decode_step(gen.state, cache, nxt, key)
-        if sync_steps:
-            nxt.block_until_ready()
-            steps.append(time.perf_counter() - t)
-        out.append(nxt)
-    jax.block_until_ready((nxt, cache))
+    out, steps, cache = gen.decode(nxt, cache, key, gen_len - 1, sync_steps=sync_steps)
+    jax.block_until_ready((out[-1], cache))
     total = time.perf_counter() - begin
     del cache
     return np.stack([fetch(t) for t in out], axis=1), steps, total

@@ -131,10 +131,22 @@ class Generator:
         nxt, cache = self.prefill(self.state, tokens, start, key, max_len=max_len)
         nxt.block_until_ready()
         t1 = time.perf_counter()
-        out = [nxt]
-        for _ in range(gen_len - 1):
-            nxt, cache = self.decode_step(self.state, cache, nxt, key)
-            out.append(nxt)
+        out, _, cache = self.decode(nxt, cache, key, gen_len - 1)
         out[-1].block_until_ready()
         t2 = time.perf_counter()
         return np.stack([fetch(t) for t in out], axis=1), {"prefill_s": t1 - t0, "decode_s": t2 - t1}
+
+    def decode(self, nxt, cache, key, steps: int, *, sync_steps: bool = False):
+        """``steps`` decode steps after the token ``nxt`` (device arrays, as ``prefill`` returns them):
+        ``(tokens, step_seconds, cache)``, ``tokens`` the list of ``steps + 1`` token arrays ``[B]``
+        starting with ``nxt``. With ``sync_steps`` every step is waited for and timed (otherwise the
+        steps are dispatched back to back and ``step_seconds`` is empty)."""
+        out, step_seconds = [nxt], []
+        for _ in range(steps):
+            t = time.perf_counter()
+            nxt, cache = self.decode_step(self.state, cache, nxt, key)
+            if sync_steps:
+                nxt.block_until_ready()
+                step_seconds.append(time.perf_counter() - t)
+            out.append(nxt)
+        return out, step_seconds, cache
