@@ -4,6 +4,8 @@ check (with a negative control), and the cost model's formulas and fit."""
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -287,3 +289,39 @@ def test_link_pass_checks_the_data_it_moves(monkeypatch):
     monkeypatch.setattr(lax, "ppermute", lambda w, axis, perm: w * 1)  # moves nothing
     with pytest.raises(RuntimeError, match="ppermute moved wrong data"):
         cases.link_bandwidth(4, 1 << 16)
+
+
+# --------------------------------------------------------------------------
+# step_profile.py
+# --------------------------------------------------------------------------
+
+def test_step_profile_categories():
+    import step_profile as sp
+    assert sp.category("allreduce_kernel<__nv_bfloat16>") == "all-reduce"
+    assert sp.category("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "all-reduce"
+    assert sp.category("ncclDevKernel_AllGather_RING_LL") == "other collectives"
+    assert sp.category("nvjet_tst_128x64_64x4_1x2_h_bz_TNT") == "matmul"
+    assert sp.category("input_reduce_fusion_3") == "fusion (other)"
+    assert sp.category("dynamic-update-slice.2") == "copy / cache update"
+    assert sp.category("mystery") == "other"
+
+
+def test_step_profile_functional_run(tmp_path):
+    # CPU: the tiny preset on 2 simulated devices; the trace's ops add up and
+    # the model's all-reduces are found.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_profile.py"), "--allreduce", "xla",
+         "--steps", "3", "--warmup", "1", "--batch", "2", "--prompt-len", "8",
+         "--out-dir", str(tmp_path), "--prefix", "p"],
+        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "p.json").read_text())
+    rows = {r["category"]: r for r in payload["rows"]}
+    assert (payload["model"], payload["tp"]) == ("tiny", 2)
+    # tiny has 2 layers: 2 all-reduces per layer and 1 after the embedding,
+    # in each of the 2 simulated devices' op streams.
+    assert rows["all-reduce"]["ops_per_step"] == 2 * (2 * 2 + 1)
+    assert rows["matmul"]["us_per_step"] > 0
+    assert rows["wall (host clock)"]["us_per_step"] > 0
+    assert "# Decode step profile: tiny" in (tmp_path / "p.md").read_text()

@@ -1,0 +1,251 @@
+"""Where a decode step's time goes: a device profile of jitted decode steps,
+summed by kind of work (issue 7: which part of the step keeps it from the
+weight-read roofline).
+
+    python -m jax_nvrar.launch --nproc-per-node 4 benchmarks/step_profile.py \\
+        --model llama3.1-70b --tp 4 --batch 8 --allreduce nvrar
+    python benchmarks/step_profile.py      # CPU: tiny preset, 2 simulated devices (functional)
+
+Every process runs the model of ``models/`` (random weights) through
+``models.generate.Generator``: prefill, warm-up decode steps, then ``--steps``
+decode steps dispatched back to back under ``jax.profiler`` (every process
+traces; process 0 reads its own trace). From the trace of process 0's device
+(on CPU, a functional run: the host threads that run XLA's ops for all the
+process's simulated devices) it sums the ops' durations per
+category (matched on the op and kernel names, first match wins):
+
+  * ``all-reduce``: the NVRAR kernel (``allreduce_kernel``), NCCL's
+    all-reduce kernels, or an XLA all-reduce (``psum`` on CPU);
+  * ``other collectives``: other NCCL kernels, all-gathers (the logits), ...;
+  * ``matmul``: cuBLAS/cuBLASLt/CUTLASS GEMMs, XLA ``dot``/``gemm`` ops;
+  * ``copy / cache update``: copies, memcpy/memset, dynamic-update-slice;
+  * ``fusion (other)``: XLA fusions not above (norms, RoPE, softmax,
+    attention's elementwise parts, residual adds);
+  * ``other``.
+
+Reported per step: op count and time per category, the sum of op times
+("busy"), the step's wall time from the host's clock over the profiled steps,
+and "gaps" = wall - busy (time the device ran no op of this program: launch
+and graph-node overhead between ops, host round trips). Times of ops that
+overlap (several streams) are summed, so "busy" can exceed wall. Also the
+weight + KV-cache bytes a step reads and the time they take at the copy
+bandwidth given (``--copy-gbps``, e.g. the decode benchmark's measurement):
+the roofline the step is compared with.
+
+Outputs (``--out-dir``, default benchmarks/results/): PREFIX.json (rows,
+the top ops, command, devices) and PREFIX.md (also on stdout). PREFIX
+defaults to ``step_profile_MODEL_tpN_bB_ALLREDUCE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+
+if str(H.REPO) not in sys.path:  # run from a checkout
+    sys.path.append(str(H.REPO))
+
+#: (category, name fragments), matched in order on the lower-cased op name.
+CATEGORIES = (
+    ("all-reduce", ("nvrar", "allreduce_kernel", "all-reduce", "all_reduce", "allreduce", "psum")),
+    ("other collectives", ("nccl", "all-gather", "all_gather", "collective-permute",
+                           "reduce-scatter", "all-to-all")),
+    # cuBLAS's Hopper kernels are nvjet_*/sm90_xmma_*; ynn_ is XLA:CPU's (YNNPACK) dot fusion.
+    ("matmul", ("gemm", "gemv", "cublas", "cutlass", "nvjet", "xmma", "wgmma", "dot", "matmul",
+                "ynn_")),
+    ("copy / cache update", ("copy", "memcpy", "memset", "dynamic-update-slice",
+                             "dynamic_update_slice")),
+    ("fusion (other)", ("fusion", "loop_", "input_", "reduce", "triton")),
+)
+
+
+def category(name: str) -> str:
+    lower = name.lower()
+    for label, fragments in CATEGORIES:
+        if any(f in lower for f in fragments):
+            return label
+    return "other"
+
+
+def op_events(path: str) -> list[tuple[str, float]]:
+    """(name, duration in us) of every op the device of this trace ran: the
+    GPU plane's kernels (its "Stream" lines: kernel names tell cuBLAS, NCCL,
+    the NVRAR kernel and XLA's fusions apart, where the op line names every
+    library call "custom-call"), else its "XLA Ops" line; without a GPU
+    plane, the host events that carry an ``hlo_op``."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(path)
+    gpus = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    if gpus:
+        lines = list(gpus[0].lines)
+        streams = [line for line in lines if line.name.startswith("Stream")]
+        chosen = streams or [line for line in lines if line.name == "XLA Ops"]
+        return [(e.name, e.duration_ns / 1e3) for line in chosen for e in line.events]
+    events = []
+    for plane in data.planes:
+        for line in plane.lines:
+            for e in line.events:
+                stats = dict(e.stats)
+                if "hlo_op" in stats and "hlo_module" in stats:
+                    events.append((str(stats["hlo_op"]), e.duration_ns / 1e3))
+    return events
+
+
+def summarize(events, steps: int, wall_us: float) -> dict:
+    """Per-step op count and time per category, busy, wall and gaps."""
+    per = collections.defaultdict(lambda: [0, 0.0])
+    top = collections.defaultdict(lambda: [0, 0.0])
+    for name, us in events:
+        per[category(name)][0] += 1
+        per[category(name)][1] += us
+        top[name][0] += 1
+        top[name][1] += us
+    rows = [{"category": c, "ops_per_step": per[c][0] / steps, "us_per_step": per[c][1] / steps}
+            for c in [label for label, _ in CATEGORIES] + ["other"] if c in per]
+    busy = sum(r["us_per_step"] for r in rows)
+    wall = wall_us / steps
+    rows += [{"category": "busy (sum of op times)", "ops_per_step": sum(r["ops_per_step"] for r in rows),
+              "us_per_step": busy},
+             {"category": "gaps (wall - busy)", "us_per_step": wall - busy},
+             {"category": "wall (host clock)", "us_per_step": wall}]
+    for r in rows:
+        r["share_of_wall"] = 100 * r["us_per_step"] / wall if wall > 0 else None
+    ranked = sorted(top.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"rows": rows, "top_ops": [{"op": name, "count_per_step": n / steps,
+                                       "us_per_step": us / steps, "category": category(name)}
+                                      for name, (n, us) in ranked]}
+
+
+def profile_steps(gen, cfg, args) -> tuple[dict, int]:
+    """Prefill, warm-up, then ``args.steps`` profiled decode steps.
+    -> (summary of process 0's trace, or {} elsewhere; bytes read per step)."""
+    import jax
+    from models import tp as tp_lib
+    from models.generate import left_pad
+
+    from _decode_cases import prompts_for, weight_read_bytes
+
+    mesh = gen.mesh
+    tokens, start = left_pad(prompts_for(cfg.vocab_size, args.batch, args.prompt_len, args.seed))
+    tokens, start = tp_lib.replicated(tokens, mesh), tp_lib.replicated(start, mesh)
+    key = jax.random.wrap_key_data(
+        tp_lib.replicated(jax.random.key_data(jax.random.key(args.seed)), mesh))
+    max_len = args.prompt_len + args.warmup + args.steps + 1
+    nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=max_len)
+    out, _, cache = gen.decode(nxt, cache, key, args.warmup)
+    jax.block_until_ready((out[-1], cache))
+    read = weight_read_bytes(gen.state) + sum(
+        x.addressable_shards[0].data.nbytes for x in cache.k + cache.v)
+    H.barrier("jax_nvrar_step_profile")
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        begin = time.perf_counter()
+        out, _, cache = gen.decode(out[-1], cache, key, args.steps)
+        jax.block_until_ready((out[-1], cache))
+        wall_us = (time.perf_counter() - begin) * 1e6
+        jax.profiler.stop_trace()
+        if jax.process_index() != 0:
+            return {}, read
+        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
+        return summarize(op_events(paths[0]), args.steps, wall_us), read
+
+
+def report(payload: dict) -> str:
+    p = payload
+    lines = [f"# Decode step profile: {p['model']} ({p['layers']} layers), TP={p['tp']}, "
+             f"batch {p['batch']}, allreduce={p['allreduce']}, {p['device']}", "",
+             f"- {p['steps']} decode steps after a prompt of {p['prompt_len']} tokens, dispatched back "
+             f"to back, profiled on process 0's device; times per step.",
+             f"- bytes read per step per device (weights + KV cache): {p['read_bytes'] / 1e9:.3f} GB"]
+    if p.get("roofline_us"):
+        lines.append(f"- roofline at {p['copy_gbps']:.0f} GB/s copy bandwidth: {p['roofline_us']:.1f} us; "
+                     f"wall / roofline = {p['wall_over_roofline']:.2f}")
+    lines += ["", H.markdown_table(p["rows"], [
+        ("category", "category", "s"), ("ops_per_step", "ops per step", ".1f"),
+        ("us_per_step", "us per step", ".1f"), ("share_of_wall", "% of wall", ".1f")]), "",
+        "## Largest ops", "", H.markdown_table(p["top_ops"], [
+            ("op", "op", "s"), ("category", "category", "s"), ("count_per_step", "per step", ".1f"),
+            ("us_per_step", "us per step", ".1f")]), "",
+        "Gaps are the wall time in which the device ran no op of the program (launch and graph-node "
+        "overhead between ops, host round trips); op times on several streams would overlap and "
+        "are summed.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="models/config.py preset (GPU: llama3.1-8b, CPU: tiny)")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
+    p.add_argument("--tp", type=int, default=None, help="default: every device")
+    p.add_argument("--allreduce", choices=("nvrar", "xla", "nocomm"), default="nvrar",
+                   help="nocomm: psum replaced by the identity (NUMERICALLY WRONG; compute only)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copy-gbps", type=float, default=None,
+                   help="copy bandwidth per device for the roofline (the decode benchmark measures it)")
+    p.add_argument("--cpu-devices", type=int, default=2)
+    p.add_argument("--out-dir", default=str(H.RESULTS_DIR))
+    p.add_argument("--prefix", default=None)
+    args = p.parse_args(argv)
+
+    from jax._src import distributed
+    launched = distributed.global_state.client is not None
+    on_gpu = H.gpu_count() > 0
+    if args.allreduce == "nvrar" and on_gpu:
+        why = H.start_nvshmem()
+        if why:
+            sys.exit(f"step_profile: {why} (one process per GPU: run it under the launcher)")
+    import jax
+    if not on_gpu and not launched:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from models import config, tp as tp_lib
+    from models.generate import Generator
+
+    model = args.model or ("llama3.1-8b" if on_gpu else "tiny")
+    dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    cfg = config.get_config(model, n_layers=args.layers, dtype=dtype)
+    mesh = tp_lib.make_mesh(args.tp)
+    tp_lib.check_tp(cfg, mesh.size)
+    psum = (lambda x, axis: x) if args.allreduce == "nocomm" else tp_lib.get_psum(args.allreduce)
+    H.log(f"{model}: {cfg.n_layers} layers, tp={mesh.size}, batch {args.batch}, allreduce={args.allreduce}")
+    graphdef, state = tp_lib.init_weights(cfg, mesh, seed=args.seed)
+    summary, read = profile_steps(Generator(graphdef, state, mesh, psum), cfg, args)
+    if jax.process_index() != 0:
+        return 0
+    wall = next(r["us_per_step"] for r in summary["rows"] if r["category"] == "wall (host clock)")
+    roofline = read / (args.copy_gbps * 1e3) if args.copy_gbps else None
+    payload = {"model": model, "layers": cfg.n_layers, "tp": mesh.size, "batch": args.batch,
+               "prompt_len": args.prompt_len, "steps": args.steps, "allreduce": args.allreduce,
+               "dtype": dtype, "device": f"{mesh.size} x {mesh.devices.flat[0].device_kind}",
+               "read_bytes": read, "copy_gbps": args.copy_gbps, "roofline_us": roofline,
+               "wall_over_roofline": wall / roofline if roofline else None,
+               "env": H.host_env(), **summary}
+    prefix = args.prefix or f"step_profile_{model}_tp{mesh.size}_b{args.batch}_{args.allreduce}"
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    H.write_json(out / f"{prefix}.json", payload)
+    text = report(payload)
+    (out / f"{prefix}.md").write_text(text)
+    print(text)
+    H.log(f"wrote {out / prefix}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
