@@ -147,7 +147,7 @@ def build(payloads: list[dict], sources: list[str], dtype: str) -> dict:
 def measure(args) -> str:
     out = Path(args.sweep_dir)
     settings = [f"{v}/{b}" if b else v for v in H.parse_list(args.variants)
-                for b in [0] + [int(b) for b in H.parse_list(args.blocks)]]
+                for b in [0] + args.block_counts]
     command = [sys.executable, str(Path(__file__).with_name("allreduce.py")),
                "--backends", "nvshmem", "--algos", ",".join(settings),
                "--layouts", args.layouts, "--sizes", args.sizes, "--dtypes", args.dtype,
@@ -183,6 +183,11 @@ def main(argv=None) -> int:
     unknown = set(H.parse_list(args.variants)) - set(_tuning.CANDIDATES)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {_tuning.CANDIDATES}")
+    try:
+        args.block_counts = [_tuning.split(f"{_tuning.CANDIDATES[0]}/{b}")[1]
+                             for b in H.parse_list(args.blocks)]
+    except ValueError as error:
+        p.error(f"--blocks: {error}")
     sources = args.sweeps or [measure(args)]
     payloads = [json.loads(Path(s).read_text()) for s in sources]
     for source, payload in zip(sources, payloads):
