@@ -81,16 +81,20 @@ def _pe_of(device) -> int:
     return device.process_index
 
 
-def _kernel_variant(algo: str, nbytes: int, node_size: int) -> tuple[str, int]:
-    """(variant, thread blocks) of a call on one node (several nodes always
-    take the hierarchical path; blocks 0: the kernel's rule). "auto": the
-    tuning table's choice (_tuning.py); $JAX_NVRAR_BLOCKS overrides the
-    block count. Lamport lines have a region of their own; LL lines and the
+def _kernel_variant(algo: str, nbytes: int, node_size: int,
+                    num_nodes: int) -> tuple[str, int]:
+    """(variant, thread blocks) of a call (blocks 0: the kernel's rule). On
+    one node, for "auto": the tuning table's choice (_tuning.py); several
+    nodes always take the hierarchical path, which the table's block counts
+    were not measured on. $JAX_NVRAR_BLOCKS overrides the block count.
+    Lamport lines have a region of their own; LL lines and the
     flag variants' raw data share regions, and a raw vector left there could
     carry words equal to a later LL call's sequence number, so the flag
     variants run only when JAX_NVRAR_ALGO asks for them (benchmarks)."""
     variant, blocks = ((algo, 0) if algo != "auto"
                        else _tuning.variant_for(nbytes, node_size))
+    if num_nodes > 1:
+        blocks = 0
     forced = _config.get_number("JAX_NVRAR_BLOCKS")
     if forced and forced > _tuning.MAX_BLOCKS:
         raise ValueError(f"JAX_NVRAR_BLOCKS={forced} exceeds the kernel's "
@@ -108,7 +112,8 @@ def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
     groups = tuple(tuple(_pe_of(devices[i]) for i in group)
                    for group in pxla.axis_groups(axis_context, axes))
     slot = _runtime.slot_for(groups)
-    variant, blocks = _kernel_variant(algo, nbytes, node_size)
+    variant, blocks = _kernel_variant(algo, nbytes, node_size,
+                                      len(groups[0]) // node_size)
     return jax.ffi.ffi_lowering(_FFI_TARGET)(
         ctx, x,
         groups=np.asarray(groups, dtype=np.int64).reshape(-1),

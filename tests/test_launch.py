@@ -217,7 +217,7 @@ def test_config_from_slurm_and_open_mpi():
 
 
 @pytest.mark.parametrize("visible, count", [(None, 4), ("0,1", 2), ("2", 1), ("", 0), ("0,-1,1", 1)])
-def testvisible_gpu_count(monkeypatch, visible, count):
+def test_visible_gpu_count(monkeypatch, visible, count):
     listing = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})\n" for i in range(4))
     monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
         a, 0, stdout=listing, stderr=""))

@@ -71,7 +71,7 @@ def test_shipped_table_is_valid_and_measured():
         assert variant in _tuning.CANDIDATES and 0 <= blocks <= _tuning.MAX_BLOCKS
 
 
-def _lower_variant(monkeypatch, nbytes_per_device):
+def _lower_variant(monkeypatch, nbytes_per_device, node_size=4):
     """The kernel's (algo, blocks) attributes for psum(backend='nvshmem')
     lowered for CUDA on the CPU, with a stand-in runtime."""
     from jax_nvrar import _psum, _runtime
@@ -80,7 +80,8 @@ def _lower_variant(monkeypatch, nbytes_per_device):
     monkeypatch.setattr(_runtime, "max_message_bytes", lambda g, n: 1 << 30)
     monkeypatch.setattr(_psum, "_pe_of", lambda device: device.id)
     mesh = jax.sharding.Mesh(jax.devices()[:4], ("tp",))
-    f = jax.jit(jax.shard_map(lambda v: jax_nvrar.psum(v, "tp", backend="nvshmem"),
+    f = jax.jit(jax.shard_map(lambda v: jax_nvrar.psum(v, "tp", backend="nvshmem",
+                                                       node_size=node_size),
                               mesh=mesh, in_specs=P("tp"), out_specs=P("tp"),
                               check_vma=False))
     x = jax.ShapeDtypeStruct((4, nbytes_per_device // 2), jnp.bfloat16,
@@ -115,9 +116,12 @@ def test_table_settings_carry_block_counts(monkeypatch, tmp_path):
     monkeypatch.setenv("JAX_NVRAR_TUNING", str(path))
     assert _lower_variant(monkeypatch, 4096) == (5, 16)
     assert _lower_variant(monkeypatch, 1 << 20) == (6, 64)
+    # Two nodes of two: the hierarchical path, which the counts were not measured on.
+    assert _lower_variant(monkeypatch, 1 << 20, node_size=2)[1] == 0
     # $JAX_NVRAR_BLOCKS overrides the table's count, not its variant.
     monkeypatch.setenv("JAX_NVRAR_BLOCKS", "8")
     assert _lower_variant(monkeypatch, 1 << 20) == (6, 8)
+    assert _lower_variant(monkeypatch, 1 << 20, node_size=2)[1] == 8
     monkeypatch.setenv("JAX_NVRAR_BLOCKS", "129")
     with pytest.raises(ValueError, match="JAX_NVRAR_BLOCKS=129 exceeds"):
         _lower_variant(monkeypatch, 4096)
