@@ -236,6 +236,19 @@ def prompts_for(vocab_size: int, batch: int, prompt_len: int, seed: int):
     return rng.integers(0, vocab_size, size=(batch, prompt_len)).tolist()
 
 
+def device_inputs(mesh, vocab_size: int, batch: int, prompt_len: int, seed: int):
+    """(tokens [B, P], start [B], key) of the random prompts, replicated on
+    ``mesh`` as prefill and the decode step take them."""
+    import jax
+    from models import tp as tp_lib
+    from models.generate import left_pad
+
+    tokens, start = left_pad(prompts_for(vocab_size, batch, prompt_len, seed))
+    key = jax.random.wrap_key_data(
+        tp_lib.replicated(jax.random.key_data(jax.random.key(seed)), mesh))
+    return tp_lib.replicated(tokens, mesh), tp_lib.replicated(start, mesh), key
+
+
 def _generate(gen, tokens, start, key, max_len: int, gen_len: int, *,
               sync_steps: bool):
     """Prefill + ``gen_len - 1`` decode steps, dispatched back to back
@@ -261,15 +274,9 @@ def run_case(gen, cfg, workload: Workload, batch: int, args) -> dict:
     Per-rank numbers; the caller reduces them over ranks."""
     import jax
     import numpy as np
-    from models import tp as tp_lib
-    from models.generate import left_pad
 
-    mesh = gen.mesh
-    tokens, start = left_pad(prompts_for(cfg.vocab_size, batch, workload.prompt_len,
-                                         args.seed))
-    tokens, start = tp_lib.replicated(tokens, mesh), tp_lib.replicated(start, mesh)
-    key = jax.random.wrap_key_data(
-        tp_lib.replicated(jax.random.key_data(jax.random.key(args.seed)), mesh))
+    tokens, start, key = device_inputs(gen.mesh, cfg.vocab_size, batch, workload.prompt_len,
+                                       args.seed)
     max_len = workload.max_len
 
     begin = time.perf_counter()
@@ -307,14 +314,12 @@ def run_case(gen, cfg, workload: Workload, batch: int, args) -> dict:
 # --------------------------------------------------------------------------
 
 def _mismatch(tokens, baseline) -> dict:
-    import numpy as np
+    from models.decode import compare_tokens
 
     if baseline is None:
         return {"mismatched": None, "first_mismatch_step": None}
-    differ = tokens != baseline
-    columns = np.flatnonzero(differ.any(axis=0))
-    return {"mismatched": int(differ.sum()),
-            "first_mismatch_step": int(columns[0]) if columns.size else None}
+    c = compare_tokens(tokens, baseline)
+    return {"mismatched": c["mismatched"], "first_mismatch_step": c["first_mismatch_step"]}
 
 
 class Worker:

@@ -130,16 +130,11 @@ def profile_steps(gen, cfg, args) -> tuple[dict, int]:
     """Prefill, warm-up, then ``args.steps`` profiled decode steps.
     -> (summary of process 0's trace, or {} elsewhere; bytes read per step)."""
     import jax
-    from models import tp as tp_lib
-    from models.generate import left_pad
 
-    from _decode_cases import prompts_for, weight_read_bytes
+    from _decode_cases import device_inputs, weight_read_bytes
 
-    mesh = gen.mesh
-    tokens, start = left_pad(prompts_for(cfg.vocab_size, args.batch, args.prompt_len, args.seed))
-    tokens, start = tp_lib.replicated(tokens, mesh), tp_lib.replicated(start, mesh)
-    key = jax.random.wrap_key_data(
-        tp_lib.replicated(jax.random.key_data(jax.random.key(args.seed)), mesh))
+    tokens, start, key = device_inputs(gen.mesh, cfg.vocab_size, args.batch, args.prompt_len,
+                                       args.seed)
     max_len = args.prompt_len + args.warmup + args.steps + 1
     nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=max_len)
     out, _, cache = gen.decode(nxt, cache, key, args.warmup)

@@ -248,18 +248,26 @@ __device__ __forceinline__ uint2 wait_line(const uint4* src, uint32_t seq,
   return make_uint2(v.x, v.z);
 }
 
-__device__ __forceinline__ void wait_signal(const uint64_t* sig, uint32_t seq,
-                                            const Params& p, int64_t index) {
+// System-scope acquire load of a flag or signal word written by a peer.
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* word) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(word) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint64_t load_acquire(const uint64_t* word) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(word) : "memory");
+  return v;
+}
+
+// Waits (acquire) until a peer set `word` to this call's sequence number.
+template <typename W>
+__device__ __forceinline__ void wait_seq(const W* word, uint32_t seq,
+                                         const Params& p, Phase phase,
+                                         int64_t index) {
   if (p.fault) return;
-  auto load = [&] {
-    uint64_t v;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];"
-                 : "=l"(v)
-                 : "l"(sig)
-                 : "memory");
-    return v;
-  };
-  spin(load, [&](uint64_t v) { return v == seq; }, p, kInterNode, seq, index);
+  spin([&] { return load_acquire(word); }, [&](W v) { return v == seq; }, p,
+       phase, seq, index);
 }
 
 // Counts this block in; returns how many blocks came before. Release: the
@@ -278,21 +286,6 @@ __device__ __forceinline__ uint32_t arrive(uint32_t* counter) {
 __device__ __forceinline__ void post_flag(uint32_t* flag, uint32_t seq) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(flag), "r"(seq)
                : "memory");
-}
-
-__device__ __forceinline__ void wait_flag(const uint32_t* flag, uint32_t seq,
-                                          const Params& p, Phase phase,
-                                          int64_t index) {
-  if (p.fault) return;
-  auto load = [&] {
-    uint32_t v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];"
-                 : "=r"(v)
-                 : "l"(flag)
-                 : "memory");
-    return v;
-  };
-  spin(load, [&](uint32_t v) { return v == seq; }, p, phase, seq, index);
 }
 
 // After every thread of the block wrote its part of a slice: thread j raises
@@ -314,8 +307,8 @@ __device__ __forceinline__ void await(const Params& p, uint32_t* (*flag)(
                                           Header*, int, int, int),
                                       int parity, uint32_t seq, Phase phase) {
   if (threadIdx.x < p.node_size)
-    wait_flag(flag(p.header, parity, threadIdx.x, blockIdx.x), seq, p, phase,
-              threadIdx.x);
+    wait_seq(flag(p.header, parity, threadIdx.x, blockIdx.x), seq, p, phase,
+             threadIdx.x);
   __syncthreads();
 }
 
@@ -677,7 +670,7 @@ __device__ const uint2* inter_node(const Params& p, uint32_t seq, int parity,
     }
   };
   auto receive = [&](int step) {
-    if (threadIdx.x == 0) wait_signal(signal(step), seq, p, step);
+    if (threadIdx.x == 0) wait_seq(signal(step), seq, p, kInterNode, step);
     __syncthreads();
     return region(p.recv, step);
   };
