@@ -78,10 +78,10 @@
 //
 // Failure. Every spin-wait has a timeout (jax_nvrar.initialize's timeout_s):
 // it prints the PE, block, phase and sequence number and traps. Testing: the
-// fault switch makes the LL, flag and inter-node signal waits return at once
-// and the Lamport reads take what is there before waiting (the wait and
-// emptying still run, so later calls stay clean); results must then go
-// wrong.
+// fault switch 1 makes the LL, flag and inter-node signal waits return at
+// once and the Lamport reads take what is there before waiting (the wait and
+// emptying still run, so later calls stay clean); switch 2 skips only the
+// inter-node signal waits. Results must then go wrong.
 //
 // Grid. Blocks come from the "blocks" attribute (psum's tuning table) or,
 // for 0, from launch_grid's rule; never more than fit on the device at once
@@ -136,6 +136,8 @@ enum Algo : int {
 };
 enum Role : int { kPlain = 0, kFoldReceiver = 1, kFoldSender = 2 };
 enum Phase : int { kOneShotPhase, kReduceScatter, kAllGather, kInterNode };
+// Values of the "fault" attribute (testing only).
+enum Fault : int { kNoFault = 0, kSkipLocalWaits = 1, kSkipRemoteWaits = 2 };
 constexpr int64_t kVec = 16;      // bytes of data in one flag-protocol store
 
 struct Header {
@@ -173,8 +175,8 @@ struct Params {
   int steps;              // recursive-doubling steps
   int step_pe[kMaxSteps];
   int pe;
-  int fault;              // testing only: 1 = use data before it arrived;
-                          // results must go wrong
+  int fault;              // testing only: kSkipLocalWaits or
+                          // kSkipRemoteWaits; results must go wrong
   int64_t timeout_ns;
 };
 
@@ -217,14 +219,13 @@ __device__ __forceinline__ uint4 load_line(const uint4* src) {
   return v;
 }
 
-// Polls load() until done(value) and returns the value; reports and traps
-// once the wait lasts longer than the timeout (the clock is read every 256
-// polls: a read costs more than a poll).
-template <typename Load, typename Done>
-__device__ __forceinline__ auto spin(Load load, Done done, const Params& p,
-                                     Phase phase, uint32_t seq,
-                                     int64_t index) {
-  auto v = load();
+// Polls load() until done(value), starting from the value v already loaded,
+// and returns the value; reports and traps once the wait lasts longer than
+// the timeout (the clock is read every 256 polls: a read costs more than a
+// poll).
+template <typename V, typename Load, typename Done>
+__device__ __forceinline__ V spin(V v, Load load, Done done, const Params& p,
+                                  Phase phase, uint32_t seq, int64_t index) {
   if (done(v)) return v;
   const uint64_t start = now_ns();
   for (uint32_t polls = 1; !done(v); ++polls) {
@@ -238,11 +239,9 @@ __device__ __forceinline__ auto spin(Load load, Done done, const Params& p,
 __device__ __forceinline__ uint2 wait_line(const uint4* src, uint32_t seq,
                                            const Params& p, Phase phase,
                                            int64_t index) {
-  if (p.fault) {
-    const uint4 v = load_line(src);
-    return make_uint2(v.x, v.z);
-  }
-  const uint4 v = spin([&] { return load_line(src); },
+  const uint4 first = load_line(src);
+  if (p.fault & kSkipLocalWaits) return make_uint2(first.x, first.z);
+  const uint4 v = spin(first, [&] { return load_line(src); },
                        [&](uint4 v) { return v.y == seq && v.w == seq; }, p,
                        phase, seq, index);
   return make_uint2(v.x, v.z);
@@ -261,13 +260,15 @@ __device__ __forceinline__ uint64_t load_acquire(const uint64_t* word) {
 }
 
 // Waits (acquire) until a peer set `word` to this call's sequence number.
+// Fault switch: 1 skips every such wait, 2 only the inter-node signals.
 template <typename W>
 __device__ __forceinline__ void wait_seq(const W* word, uint32_t seq,
                                          const Params& p, Phase phase,
                                          int64_t index) {
-  if (p.fault) return;
-  spin([&] { return load_acquire(word); }, [&](W v) { return v == seq; }, p,
-       phase, seq, index);
+  if (phase == kInterNode ? p.fault != kNoFault : (p.fault & kSkipLocalWaits))
+    return;
+  auto load = [&] { return load_acquire(word); };
+  spin(load(), load, [&](W v) { return v == seq; }, p, phase, seq, index);
 }
 
 // Counts this block in; returns how many blocks came before. Release: the
@@ -569,10 +570,10 @@ __device__ __forceinline__ uint4 take_vec(uint4* src, const Params& p,
                                           Phase phase, uint32_t seq,
                                           int64_t index) {
   const uint4 early = load_line(src);
-  const uint4 v = spin([&] { return load_line(src); }, filled, p, phase, seq,
-                       index);
+  const uint4 v = spin(early, [&] { return load_line(src); }, filled, p,
+                       phase, seq, index);
   *src = make_uint4(kEmpty, kEmpty, kEmpty, kEmpty);
-  return p.fault ? early : v;
+  return (p.fault & kSkipLocalWaits) ? early : v;
 }
 
 // Purpose: one-shot all-reduce on Lamport lines: each PE stores its whole
@@ -852,8 +853,10 @@ int resident_blocks(int threads) {
       return -1;
     return sms * per_sm;
   };
-  static const int small = count(128), large = count(kThreads);
-  return threads == 128 ? small : large;
+  static int small = -1, large = -1;  // a failed query is asked again
+  int& cached = threads == 128 ? small : large;
+  if (cached < 1) cached = count(threads);
+  return cached;
 }
 
 // Per (slot, node_size, group) state computed once: peers and partners.
@@ -1016,6 +1019,9 @@ ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
   p.nbytes = nbytes;
   p.packets = (nbytes + kPayload - 1) / kPayload;
   p.chunk = (p.packets + G - 1) / G;
+  if (fault != kNoFault && fault != kSkipLocalWaits && fault != kSkipRemoteWaits)
+    return ffi::Error::InvalidArgument(
+        "jax_nvrar: fault switch " + std::to_string(fault) + " is not 0, 1 or 2");
   p.fault = int(fault);
   if (G * p.chunk > p.ll_packets || (N > 1 && p.chunk * kPayload > p.inter_bytes))
     return ffi::Error::InvalidArgument(
@@ -1115,5 +1121,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("slot")                     // workspace slot of layout
         .Attr<int64_t>("algo")                     // Algo: variant or 0 (auto)
         .Attr<int64_t>("blocks")                   // grid size or 0 (the rule)
-        .Attr<int64_t>("fault"),                   // testing: 1 ignores flags
+        .Attr<int64_t>("fault"),                   // testing: Fault
     {ffi::Traits::kCmdBufferCompatible});          // cudaGraph enabled

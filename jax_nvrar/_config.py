@@ -42,8 +42,9 @@ VARIABLES = {
                "still loading weights before their first all-reduce)"),
     "JAX_NVRAR_FAULT_INJECT": (
         "0", "testing only: 1 makes the kernel use data without waiting for "
-             "it to arrive, so results must go wrong (the GPU suite's "
-             "negative control)"),
+             "it to arrive, 2 only data from other nodes (the inter-node "
+             "signals), so results must go wrong (the GPU suite's negative "
+             "controls)"),
     "JAX_NVRAR_AUTO_MAX_KB": (
         "4096", "backend='auto' uses the kernel on one node up to this "
                 "message size (KiB) and XLA's psum above it (the measured "

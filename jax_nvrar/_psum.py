@@ -102,6 +102,15 @@ def _kernel_variant(algo: str, nbytes: int, node_size: int,
     return variant, forced or blocks
 
 
+def _fault_switch() -> int:
+    """$JAX_NVRAR_FAULT_INJECT: 0, 1 (no wait for any data) or 2 (none for
+    data from other nodes); testing only."""
+    fault = _config.get_number("JAX_NVRAR_FAULT_INJECT")
+    if fault > 2:
+        raise ValueError(f"JAX_NVRAR_FAULT_INJECT={fault} is not 0, 1 or 2")
+    return fault
+
+
 def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
     (aval,) = ctx.avals_in
     nbytes = math.prod(aval.shape) * aval.dtype.itemsize
@@ -122,7 +131,7 @@ def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
         slot=np.int64(slot),
         algo=np.int64(_runtime.algo_code(variant)),
         blocks=np.int64(blocks),
-        fault=np.int64(_config.get_number("JAX_NVRAR_FAULT_INJECT")))
+        fault=np.int64(_fault_switch()))
 
 
 def _lowering(ctx, x, *, impl, **params):

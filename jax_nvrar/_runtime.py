@@ -175,6 +175,21 @@ def _agree_on_settings(client, process_id: int, n_processes: int,
             "to all of them)")
 
 
+def _problems_anywhere(client, process_id: int, n_processes: int,
+                       problem: str, topic: str, timeout_ms: int) -> str:
+    """Every process publishes its problem ("" for none) under ``topic`` and
+    reads everyone's: the same verdict in every process ("" when none has
+    a problem), so all can act on it together (e.g. a collective finalize)."""
+    key = f"jax_nvrar/{topic}/{{}}"
+    client.key_value_set(key.format(process_id), problem or "ok")
+    problems = []
+    for other in range(n_processes):
+        value = client.blocking_key_value_get(key.format(other), timeout_ms)
+        if value != "ok":
+            problems.append(f"process {other}: {value}")
+    return "; ".join(problems)
+
+
 def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
                timeout_s: float | None = None) -> None:
     """Starts NVSHMEM for this process and allocates the symmetric workspace.
@@ -236,19 +251,22 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
             name, capsule, platform="CUDA",
             traits=xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE)
     devices = jax.local_devices()
+    problem = ""
     if len(devices) != 1:
+        problem = f"it drives {len(devices)} GPUs"
+    elif devices[0].local_hardware_id != gpu:
+        problem = (f"NVSHMEM runs on CUDA device {gpu} (from the local rank) "
+                   f"but JAX on CUDA device {devices[0].local_hardware_id}")
+    # Every process learns of any process's problem: finalize() is collective.
+    problems = _problems_anywhere(dist.client, process_id, n_processes,
+                                  problem, "devices", timeout_ms)
+    if problems:
         finalize()
         raise RuntimeError(
-            f"backend='nvshmem' needs exactly one GPU per process; this "
-            f"process has {len(devices)}. Start one process per "
-            "GPU (python -m jax_nvrar.launch does).")
-    if devices[0].local_hardware_id != gpu:
-        finalize()
-        raise RuntimeError(
-            f"NVSHMEM runs on CUDA device {gpu} (from the local rank) but JAX "
-            f"uses CUDA device {devices[0].local_hardware_id}: pass "
-            f"local_device_ids=[{gpu}] to jax.distributed.initialize() or "
-            "start the program with python -m jax_nvrar.launch")
+            f"backend='nvshmem' needs one GPU per process, the one NVSHMEM "
+            f"runs on ({problems}). Start one process per GPU with python -m "
+            "jax_nvrar.launch, or pass local_device_ids=[LOCAL_RANK] to "
+            "jax.distributed.initialize()")
 
 
 def finalize() -> None:

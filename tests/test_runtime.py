@@ -164,3 +164,20 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def test_a_problem_in_one_process_reaches_every_process():
+    # Each simulated process finds the others' entries already published
+    # (as if all ran at once) and reads the same verdict.
+    published = {0: "ok", 1: "NVSHMEM runs on CUDA device 1 but JAX on CUDA device 0", 2: "ok"}
+    verdicts = []
+    for pid in range(3):
+        store = _Store()
+        store.values = {f"jax_nvrar/devices/{other}": value
+                        for other, value in published.items() if other != pid}
+        problem = "" if published[pid] == "ok" else published[pid]
+        verdicts.append(_runtime._problems_anywhere(store, pid, 3, problem, "devices", 1000))
+    assert verdicts == ["process 1: NVSHMEM runs on CUDA device 1 but JAX on CUDA device 0"] * 3
+    store = _Store()
+    store.values = {"jax_nvrar/devices/1": "ok"}
+    assert _runtime._problems_anywhere(store, 0, 2, "", "devices", 1000) == ""

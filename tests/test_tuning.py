@@ -192,3 +192,13 @@ def test_tune_refuses_times_that_are_not_measurements(tmp_path):
     with pytest.raises(SystemExit, match="not a GPU measurement"):
         tune.main(["--from", str(src), "--out", str(tmp_path / "t.json"),
                    "--report", str(tmp_path / "t.md")])
+
+
+def test_fault_switch_values(monkeypatch):
+    from jax_nvrar import _psum
+    for value in ("0", "1", "2"):
+        monkeypatch.setenv("JAX_NVRAR_FAULT_INJECT", value)
+        assert _psum._fault_switch() == int(value)
+    monkeypatch.setenv("JAX_NVRAR_FAULT_INJECT", "3")
+    with pytest.raises(ValueError, match="JAX_NVRAR_FAULT_INJECT=3 is not 0, 1 or 2"):
+        _psum._fault_switch()
