@@ -283,7 +283,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="decode steps in the untimed warm-up")
     p.add_argument("--prefill-repeats", type=int, default=3, help="timed prefills (TTFT)")
-    p.add_argument("--repeats", type=int, default=1, help="timed pipelined generations (e2e)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed pipelined generations (e2e = their median: one alone lets a stall decide it)")
     p.add_argument("--copy-mb", type=int, help="MiB per device of the copy-bandwidth pass")
     p.add_argument("--compilation-cache", default="",
                    help="JAX persistent compilation cache folder: a rerun skips compiling")
