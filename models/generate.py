@@ -91,22 +91,36 @@ class Generator:
         self.forward = jax.jit(self._forward_full)
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len",))
         self.decode_step = jax.jit(self._decode, donate_argnames=("cache",))
+        # The same cached forwards returning float32 logits ``[B, vocab]`` instead of a sampled token
+        # (teacher forcing through the cache: models.decode.teacher_forced_cached).
+        self.prefill_logits = jax.jit(self._prefill_forward, static_argnames=("max_len",))
+        self.step_logits = jax.jit(self._step_forward, donate_argnames=("cache",))
 
     def _sample(self, logits, key, slot):
-        tokens = sample(logits[:, -1], jax.random.fold_in(key, slot), self.sampling)
+        tokens = sample(logits, jax.random.fold_in(key, slot), self.sampling)
         return jax.lax.with_sharding_constraint(tokens, self._replicated)
 
-    def _prefill(self, state, tokens, start, key, *, max_len: int):
+    def _prefill_forward(self, state, tokens, start, *, max_len: int):
         """Run the left-padded prompts ``tokens [B, P]`` into a new cache of ``max_len`` slots:
-        ``(first generated token [B], cache)``."""
+        ``(logits of the last position [B, vocab], cache)``."""
         cache = nnx.merge(self.graphdef, state).init_cache(tokens.shape[0], max_len)
         cache = jax.lax.with_sharding_constraint(cache, tp_lib.cache_shardings(self.n_layers, self.mesh))
         logits, cache = self._forward_cached(state, tokens, dataclasses.replace(cache, start=start))
+        return logits[:, -1], cache
+
+    def _step_forward(self, state, cache, tokens):
+        """``tokens [B]`` go to slot ``cache.pos``: ``(logits [B, vocab], cache)``."""
+        logits, cache = self._forward_cached(state, tokens[:, None], cache)
+        return logits[:, -1], cache
+
+    def _prefill(self, state, tokens, start, key, *, max_len: int):
+        """``(first generated token [B], cache)`` after the prompts (see ``_prefill_forward``)."""
+        logits, cache = self._prefill_forward(state, tokens, start, max_len=max_len)
         return self._sample(logits, key, cache.pos), cache
 
     def _decode(self, state, cache, tokens, key):
         """One step: ``tokens [B]`` go to slot ``cache.pos``; returns (next tokens [B], cache)."""
-        logits, cache = self._forward_cached(state, tokens[:, None], cache)
+        logits, cache = self._step_forward(state, cache, tokens)
         return self._sample(logits, key, cache.pos), cache
 
     def generate(self, prompts: Sequence[Sequence[int]], gen_len: int, *, seed: int = 0,

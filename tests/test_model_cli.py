@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from models import decode
@@ -105,9 +106,10 @@ def test_compare_with_other_all_reduces(capsys):
     same = summary["token_comparisons"]["xla"]
     assert {k: same[k] for k in ("mismatched", "compared", "first_mismatch_step", "rows_identical")} == {
         "mismatched": 0, "compared": 8, "first_mismatch_step": None, "rows_identical": 2}
-    forced = same["teacher_forced"]
-    assert (forced["max_abs_diff"], forced["differing"], forced["positions"]) == (0.0, 0, 8)
-    assert forced["logit_std"] > 0
+    for key in ("teacher_forced", "teacher_forced_cached"):
+        forced = same[key]
+        assert (forced["max_abs_diff"], forced["differing"], forced["positions"]) == (0.0, 0, 8)
+        assert forced["logit_std"] > 0
     assert summary["token_comparisons"]["reference"]["compared"] == 8
     out = capsys.readouterr().out
     assert "tokens vs xla: identical (8 compared)" in out and "teacher-forced" in out
@@ -132,5 +134,9 @@ def test_teacher_forced_sees_a_wrong_all_reduce():
     gen = Generator(graphdef, state, mesh, jax.lax.psum)
     tokens, _ = gen.generate(prompts, 5)
     wrong = Generator(graphdef, state, mesh, lambda x, axis: x)  # no all-reduce at all
-    forced = decode.teacher_forced(gen, wrong, prompts, tokens)
-    assert forced["positions"] == 10 and forced["max_abs_diff"] > 0.01
+    for compare in (decode.teacher_forced, decode.teacher_forced_cached):
+        forced = compare(gen, wrong, prompts, tokens)
+        assert forced["positions"] == 10 and forced["max_abs_diff"] > 0.01
+    # Teacher forcing through the cache lines up with generation: its greedy choices are the tokens.
+    choices = jax.jit(lambda x: jax.numpy.argmax(x, axis=-1))(decode.cached_logits(gen, prompts, tokens))
+    np.testing.assert_array_equal(np.asarray(choices), tokens)
