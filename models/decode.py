@@ -212,8 +212,8 @@ def teacher_forced(gen, other, prompts, tokens) -> dict:
 def cached_logits(gen, prompts, tokens):
     """``gen``'s float32 logits ``[B, len(tokens[0]), vocab]`` (vocab-sharded) that chose each of
     ``tokens`` when fed ``tokens`` through the path generation takes: the prefill of the prompts, then
-    one cached decode step per token (the same programs as generation's, returning logits instead of a
-    sampled token)."""
+    one cached decode step per token (generation's cached forward, compiled to return the logits
+    rather than a sampled token)."""
     import jax
     import jax.numpy as jnp
     import numpy as np

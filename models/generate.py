@@ -91,7 +91,7 @@ class Generator:
         self.forward = jax.jit(self._forward_full)
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len",))
         self.decode_step = jax.jit(self._decode, donate_argnames=("cache",))
-        # The same cached forwards returning float32 logits ``[B, vocab]`` instead of a sampled token
+        # The same cached forwards, compiled to return float32 logits ``[B, vocab]`` rather than a token
         # (teacher forcing through the cache: models.decode.teacher_forced_cached).
         self.prefill_logits = jax.jit(self._prefill_forward, static_argnames=("max_len",))
         self.step_logits = jax.jit(self._step_forward, donate_argnames=("cache",))
