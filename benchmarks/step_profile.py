@@ -32,6 +32,12 @@ weight + KV-cache bytes a step reads and the time they take at the copy
 bandwidth given (``--copy-gbps``, e.g. the decode benchmark's measurement):
 the roofline the step is compared with.
 
+Collectives, from every process's trace: a collective's kernel runs from
+its rank's arrival until the last rank's data is in, so per call the fastest
+kernel over the processes (the rank that arrived last) is its own cost and
+the rest is waiting for other ranks. Reported per step for the all-reduces
+and the other collectives.
+
 Outputs (``--out-dir``, default benchmarks/results/): PREFIX.json (rows,
 the top ops, command, devices) and PREFIX.md (also on stdout). PREFIX
 defaults to ``step_profile_MODEL_tpN_bB_ALLREDUCE``.
@@ -76,8 +82,8 @@ def category(name: str) -> str:
     return "other"
 
 
-def op_events(path: str) -> list[tuple[str, float]]:
-    """(name, duration in us) of every op the device of this trace ran: the
+def op_events(path: str) -> list[tuple[str, float, int]]:
+    """(name, duration in us, start in ns) of every op the device of this trace ran: the
     GPU plane's kernels (its "Stream" lines: kernel names tell cuBLAS, NCCL,
     the NVRAR kernel and XLA's fusions apart, where the op line names every
     library call "custom-call"), else its "XLA Ops" line; without a GPU
@@ -90,14 +96,14 @@ def op_events(path: str) -> list[tuple[str, float]]:
         lines = list(max(gpus, key=lambda p: sum(1 for line in p.lines for _ in line.events)).lines)
         streams = [line for line in lines if line.name.startswith("Stream")]
         chosen = streams or [line for line in lines if line.name == "XLA Ops"]
-        return [(e.name, e.duration_ns / 1e3) for line in chosen for e in line.events]
+        return [(e.name, e.duration_ns / 1e3, e.start_ns) for line in chosen for e in line.events]
     events = []
     for plane in data.planes:
         for line in plane.lines:
             for e in line.events:
                 stats = dict(e.stats)
                 if "hlo_op" in stats and "hlo_module" in stats:
-                    events.append((str(stats["hlo_op"]), e.duration_ns / 1e3))
+                    events.append((str(stats["hlo_op"]), e.duration_ns / 1e3, e.start_ns))
     return events
 
 
@@ -105,7 +111,7 @@ def summarize(events, steps: int, wall_us: float) -> dict:
     """Per-step op count and time per category, busy, wall and gaps."""
     per = collections.defaultdict(lambda: [0, 0.0])
     top = collections.defaultdict(lambda: [0, 0.0])
-    for name, us in events:
+    for name, us, _ in events:
         per[category(name)][0] += 1
         per[category(name)][1] += us
         top[name][0] += 1
@@ -124,6 +130,42 @@ def summarize(events, steps: int, wall_us: float) -> dict:
     return {"rows": rows, "top_ops": [{"op": name, "count_per_step": n / steps,
                                        "us_per_step": us / steps, "category": category(name)}
                                       for name, (n, us) in ranked]}
+
+
+COLLECTIVES = ("all-reduce", "other collectives")
+
+
+def collective_cost(per_rank, steps: int) -> dict:
+    """Split a collective's traced time into its own cost and waiting. ``per_rank``: (processes,
+    calls) kernel durations in us, call ``i`` the same collective on every process. A collective's
+    kernel runs from its own rank's arrival until the last rank's data is in, so each call's fastest
+    kernel is the one of the rank that arrived last, which waited for nobody: the sum of those is
+    the collective's own cost; the mean over ranks of the rest is time spent waiting for other ranks
+    (skew between the processes, which the profiler itself grows)."""
+    import numpy as np
+
+    per_rank = np.asarray(per_rank, dtype=np.float64)
+    own = per_rank.min(axis=0).sum() / steps
+    traced = per_rank.sum(axis=1).mean() / steps
+    return {"calls_per_step": per_rank.shape[1] / steps, "traced_us_per_step": traced,
+            "own_us_per_step": own, "waiting_us_per_step": traced - own}
+
+
+def collectives_across_ranks(events, steps: int) -> dict:
+    """``collective_cost`` of each collective category, from every process's trace (a collective:
+    every process calls it, with its events in time order). {} where the processes traced different
+    numbers of calls (say why in ``problem``)."""
+    out = {}
+    for label in COLLECTIVES:
+        mine = [us for name, us, _ in sorted(events, key=lambda e: e[2]) if category(name) == label]
+        counts = H.gather_rows([len(mine)])[:, 0]
+        if counts.max() == 0:
+            continue
+        if counts.min() != counts.max():
+            out[label] = {"problem": f"the processes traced {sorted(set(counts.astype(int).tolist()))} calls"}
+            continue
+        out[label] = collective_cost(H.gather_rows(mine), steps)
+    return out
 
 
 def profile_steps(gen, cfg, args) -> tuple[dict, int]:
@@ -149,12 +191,32 @@ def profile_steps(gen, cfg, args) -> tuple[dict, int]:
         jax.block_until_ready((out[-1], cache))
         wall_us = (time.perf_counter() - begin) * 1e6
         jax.profiler.stop_trace()
-        if jax.process_index() != 0:
-            return {}, read
         paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
-        return summarize(op_events(paths[0]), args.steps, wall_us), read
+        events = op_events(paths[0])
+    collectives = collectives_across_ranks(events, args.steps)  # every process takes part
+    if jax.process_index() != 0:
+        return {}, read
+    return dict(summarize(events, args.steps, wall_us), collectives=collectives), read
+
+
+def _collectives_report(collectives: dict) -> list[str]:
+    if not collectives:
+        return []
+    rows = [{"category": label, **c} for label, c in collectives.items() if "problem" not in c]
+    lines = ["## Collectives: own cost and waiting", "",
+             "Per call, the fastest kernel over the processes is the one of the rank that arrived last "
+             "(it waited for nobody): their sum is the collective's own cost; the rest of the traced "
+             "time, averaged over the processes, is waiting for other ranks.", ""]
+    if rows:
+        lines += [H.markdown_table(rows, [
+            ("category", "category", "s"), ("calls_per_step", "calls per step", ".1f"),
+            ("traced_us_per_step", "traced us per step (mean over ranks)", ".1f"),
+            ("own_us_per_step", "own us per step", ".1f"),
+            ("waiting_us_per_step", "waiting us per step", ".1f")]), ""]
+    lines += [f"- {label}: not split, {c['problem']}" for label, c in collectives.items() if "problem" in c]
+    return lines + ([""] if any("problem" in c for c in collectives.values()) else [])
 
 
 def report(payload: dict) -> str:
@@ -170,6 +232,7 @@ def report(payload: dict) -> str:
     lines += ["", H.markdown_table(p["rows"], [
         ("category", "category", "s"), ("ops_per_step", "ops per step", ".1f"),
         ("us_per_step", "us per step", ".1f"), ("share_of_wall", "% of wall", ".1f")]), "",
+        *_collectives_report(p.get("collectives", {})),
         "## Largest ops", "", H.markdown_table(p["top_ops"], [
             ("op", "op", "s"), ("category", "category", "s"), ("count_per_step", "per step", ".1f"),
             ("us_per_step", "us per step", ".1f")]), "",

@@ -306,6 +306,16 @@ def test_step_profile_categories():
     assert sp.category("mystery") == "other"
 
 
+def test_step_profile_collective_cost():
+    import step_profile as sp
+    # Two ranks, two calls: rank 1 arrives last at call 0 (its kernel is short), rank 0 at call 1.
+    cost = sp.collective_cost([[30.0, 10.0], [12.0, 40.0]], steps=2)
+    assert cost["calls_per_step"] == 1
+    assert cost["own_us_per_step"] == (12 + 10) / 2
+    assert cost["traced_us_per_step"] == (40 + 52) / 2 / 2
+    assert cost["waiting_us_per_step"] == cost["traced_us_per_step"] - cost["own_us_per_step"]
+
+
 def test_step_profile_functional_run(tmp_path):
     # CPU: the tiny preset on 2 simulated devices; the trace's ops add up and
     # the model's all-reduces are found.
@@ -324,4 +334,9 @@ def test_step_profile_functional_run(tmp_path):
     assert rows["all-reduce"]["ops_per_step"] == 2 * (2 * 2 + 1)
     assert rows["matmul"]["us_per_step"] > 0
     assert rows["wall (host clock)"]["us_per_step"] > 0
+    # One process: the split has one rank, so nothing counts as waiting.
+    allreduce = payload["collectives"]["all-reduce"]
+    assert allreduce["calls_per_step"] == rows["all-reduce"]["ops_per_step"]
+    assert allreduce["own_us_per_step"] == pytest.approx(rows["all-reduce"]["us_per_step"], rel=1e-3)
+    assert allreduce["waiting_us_per_step"] == pytest.approx(0, abs=1e-3)
     assert "# Decode step profile: tiny" in (tmp_path / "p.md").read_text()
