@@ -140,8 +140,9 @@ def collective_cost(per_rank, steps: int) -> dict:
     calls) kernel durations in us, call ``i`` the same collective on every process. A collective's
     kernel runs from its own rank's arrival until the last rank's data is in, so each call's fastest
     kernel is the one of the rank that arrived last, which waited for nobody: the sum of those is
-    the collective's own cost; the mean over ranks of the rest is time spent waiting for other ranks
-    (skew between the processes, which the profiler itself grows)."""
+    the collective's own cost, a lower bound (that rank finds its peers' data already there, and the
+    minimum of noisy times leans low); the mean over ranks of the rest is time spent waiting for
+    other ranks (skew between the processes, which the profiler itself grows)."""
     import numpy as np
 
     per_rank = np.asarray(per_rank, dtype=np.float64)
@@ -153,11 +154,11 @@ def collective_cost(per_rank, steps: int) -> dict:
 
 def collectives_across_ranks(events, steps: int) -> dict:
     """``collective_cost`` of each collective category, from every process's trace (a collective:
-    every process calls it, with its events in time order). {} where the processes traced different
-    numbers of calls (say why in ``problem``)."""
+    every process calls it; calls are paired across processes by kernel name and order in time).
+    ``problem`` instead where the processes traced different numbers of calls."""
     out = {}
     for label in COLLECTIVES:
-        mine = [us for name, us, _ in sorted(events, key=lambda e: e[2]) if category(name) == label]
+        mine = [us for name, us, _ in sorted(events, key=lambda e: (e[0], e[2])) if category(name) == label]
         counts = H.gather_rows([len(mine)])[:, 0]
         if counts.max() == 0:
             continue
@@ -192,9 +193,16 @@ def profile_steps(gen, cfg, args) -> tuple[dict, int]:
         wall_us = (time.perf_counter() - begin) * 1e6
         jax.profiler.stop_trace()
         paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-        if not paths:
-            raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
-        events = op_events(paths[0])
+        try:
+            if not paths:
+                raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
+            events, problem = op_events(paths[0]), ""
+        except Exception as exc:  # agreed below, so that no process waits in a gather for this one
+            events, problem = [], f"{type(exc).__name__}: {exc}"
+    failed = [i for i, bad in enumerate(H.gather_rows([float(bool(problem))])[:, 0]) if bad]
+    if failed:
+        raise RuntimeError(f"reading the trace failed on process(es) {failed}"
+                           + (f"; here: {problem}" if problem else ""))
     collectives = collectives_across_ranks(events, args.steps)  # every process takes part
     if jax.process_index() != 0:
         return {}, read
@@ -207,8 +215,9 @@ def _collectives_report(collectives: dict) -> list[str]:
     rows = [{"category": label, **c} for label, c in collectives.items() if "problem" not in c]
     lines = ["## Collectives: own cost and waiting", "",
              "Per call, the fastest kernel over the processes is the one of the rank that arrived last "
-             "(it waited for nobody): their sum is the collective's own cost; the rest of the traced "
-             "time, averaged over the processes, is waiting for other ranks.", ""]
+             "(it waited for nobody): their sum is the collective's own cost, a lower bound (the last "
+             "rank finds its peers' data already there; the minimum of noisy times leans low); the rest "
+             "of the traced time, averaged over the processes, is waiting for other ranks.", ""]
     if rows:
         lines += [H.markdown_table(rows, [
             ("category", "category", "s"), ("calls_per_step", "calls per step", ".1f"),

@@ -164,12 +164,14 @@ def compare_tokens(tokens, other) -> dict:
 
 def _logit_stats(a, b) -> dict:
     """How logits ``b [B, T, vocab]`` differ from ``a``: the largest and mean absolute difference, ``a``'s
-    spread, and the positions where the greedy choices differ. ``max_margin_where_differ``: the largest
-    gap, in ``a``'s logits, between its choice and ``b``'s where they differ (a difference at a gap far
-    below the logits' spread is a near-tie); it can never exceed ``2 * max_abs_diff``, so the size of
-    the logit difference is what to judge."""
+    spread, the positions where the greedy choices differ, and the first position ``t`` (of ``T``) where
+    any logit differs and where any choice differs (None: nowhere). ``max_margin_where_differ``: the
+    largest gap, in ``a``'s logits, between its choice and ``b``'s where they differ (a difference at a
+    gap far below the logits' spread is a near-tie); it can never exceed ``2 * max_abs_diff``, so the
+    size of the logit difference is what to judge."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from models.generate import fetch
 
@@ -182,10 +184,15 @@ def _logit_stats(a, b) -> dict:
         differ = top_a != top_b
         return dict(max_abs_diff=jnp.max(jnp.abs(a - b)), mean_abs_diff=jnp.mean(jnp.abs(a - b)),
                     logit_std=jnp.std(a), positions=jnp.asarray(differ.size),
-                    differing=jnp.sum(differ), max_margin_where_differ=jnp.max(jnp.where(differ, margin, 0.0)))
+                    differing=jnp.sum(differ), max_margin_where_differ=jnp.max(jnp.where(differ, margin, 0.0)),
+                    logits_differ_at=jnp.any(a != b, axis=(0, 2)), choice_differs_at=jnp.any(differ, axis=0))
 
-    out = {k: float(fetch(v)) for k, v in stats(a, b).items()}
+    values = {k: fetch(v) for k, v in stats(a, b).items()}
+    first = lambda at: int(np.flatnonzero(at)[0]) if at.any() else None
+    out = {k: float(v) for k, v in values.items() if v.ndim == 0}
     out["positions"], out["differing"] = int(out["positions"]), int(out["differing"])
+    out["first_position_logits_differ"] = first(values["logits_differ_at"])
+    out["first_position_choice_differs"] = first(values["choice_differs_at"])
     return out
 
 
@@ -234,9 +241,21 @@ def cached_logits(gen, prompts, tokens):
 
 
 def teacher_forced_cached(gen, other, prompts, tokens) -> dict:
-    """``teacher_forced`` through the cache (``cached_logits``). Where the one-pass comparison agrees
-    and this one does not, the difference is in the cached programs, not in the all-reduce's sums."""
-    return _logit_stats(cached_logits(gen, prompts, tokens), cached_logits(other, prompts, tokens))
+    """``teacher_forced`` through the cache (``cached_logits``), position ``t`` being decode step ``t``.
+    Where the one-pass comparison agrees and this one does not, the difference is in the cached
+    forward, not in the all-reduce's sums. ``reproduces_tokens``: whether ``gen``'s cached logits choose
+    ``tokens`` (greedy), i.e. whether these programs, compiled apart from generation's, round alike."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models.generate import fetch
+
+    mine = cached_logits(gen, prompts, tokens)
+    replicated = jax.sharding.NamedSharding(gen.mesh, jax.sharding.PartitionSpec())
+    choices = fetch(jax.jit(lambda x: jnp.argmax(x, axis=-1), out_shardings=replicated)(mine))
+    return dict(_logit_stats(mine, cached_logits(other, prompts, tokens)),
+                reproduces_tokens=bool(np.array_equal(choices, np.asarray(tokens))))
 
 
 def main(argv=None) -> dict:
@@ -336,7 +355,11 @@ def main(argv=None) -> dict:
                 print(f"  teacher-forced on this run's tokens, {how}: logits differ by at most "
                       f"{t['max_abs_diff']:.4g} (mean {t['mean_abs_diff']:.3g}; logit std {t['logit_std']:.3g}); "
                       f"greedy choice differs at {t['differing']} of {t['positions']} positions, where this "
-                      f"run's top-2 margin was at most {t['max_margin_where_differ']:.4g}")
+                      f"run's top-2 margin was at most {t['max_margin_where_differ']:.4g}; first position "
+                      f"where logits differ: {t['first_position_logits_differ']}, choices: "
+                      f"{t['first_position_choice_differs']}"
+                      + (f"; its cached logits choose its tokens: {t['reproduces_tokens']}"
+                         if "reproduces_tokens" in t else ""))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=2)

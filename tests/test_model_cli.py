@@ -109,7 +109,9 @@ def test_compare_with_other_all_reduces(capsys):
     for key in ("teacher_forced", "teacher_forced_cached"):
         forced = same[key]
         assert (forced["max_abs_diff"], forced["differing"], forced["positions"]) == (0.0, 0, 8)
+        assert (forced["first_position_logits_differ"], forced["first_position_choice_differs"]) == (None, None)
         assert forced["logit_std"] > 0
+    assert same["teacher_forced_cached"]["reproduces_tokens"] is True
     assert summary["token_comparisons"]["reference"]["compared"] == 8
     out = capsys.readouterr().out
     assert "tokens vs xla: identical (8 compared)" in out and "teacher-forced" in out
@@ -137,6 +139,14 @@ def test_teacher_forced_sees_a_wrong_all_reduce():
     for compare in (decode.teacher_forced, decode.teacher_forced_cached):
         forced = compare(gen, wrong, prompts, tokens)
         assert forced["positions"] == 10 and forced["max_abs_diff"] > 0.01
+        assert forced["first_position_logits_differ"] == 0
+    # An all-reduce wrong only for one-token inputs (the decode steps): the one pass sees nothing, the
+    # cached comparison places the difference at the first decode step.
+    decode_only = Generator(graphdef, state, mesh,
+                            lambda x, axis: jax.lax.psum(x, axis) if x.shape[1] > 1 else x)
+    assert decode.teacher_forced(gen, decode_only, prompts, tokens)["max_abs_diff"] == 0
+    forced = decode.teacher_forced_cached(gen, decode_only, prompts, tokens)
+    assert (forced["first_position_logits_differ"], forced["reproduces_tokens"]) == (1, True)
     # Teacher forcing through the cache lines up with generation: its greedy choices are the tokens.
     choices = jax.jit(lambda x: jax.numpy.argmax(x, axis=-1))(decode.cached_logits(gen, prompts, tokens))
     np.testing.assert_array_equal(np.asarray(choices), tokens)
