@@ -34,9 +34,9 @@ the roofline the step is compared with.
 
 Collectives, from every process's trace: a collective's kernel runs from
 its rank's arrival until the last rank's data is in, so per call the fastest
-kernel over the processes (the rank that arrived last) is its own cost and
-the rest is waiting for other ranks. Reported per step for the all-reduces
-and the other collectives.
+kernel over the processes (the rank that arrived last) bounds its own cost
+from below and the rest is waiting for other ranks. Reported per step for
+the all-reduces and the other collectives.
 
 Outputs (``--out-dir``, default benchmarks/results/): PREFIX.json (rows,
 the top ops, command, devices) and PREFIX.md (also on stdout). PREFIX
