@@ -60,9 +60,9 @@ Modes
   * ``--merge A.json B.json ...``: join the results of separate runs (e.g.
     the full sweep split by ``--models``/``--tp``) into PREFIX.*.
 
-Runtime on 4xH100 (estimates, not yet measured): --quick ~4 min (start-up,
-weights, 9 cases of ~15 s, mostly compilation; --time-budget 200 s stops it
-in time). --full ~3 h (210 cases of ~40 s, 100 cheap 1-layer fit cases), so
+Runtime on 4xH100: --quick 175 s with one e2e generation per case (start-up, weights, 9 cases of ~15 s,
+mostly compilation; --time-budget 200 s stops it in time). --full (an
+estimate) ~3 h (210 cases of ~40 s, 100 cheap 1-layer fit cases), so
 run it in pieces under a 10-minute limit, each with its own --prefix, e.g.
 ``--full --models llama3.1-8b --tp 4 --workloads decode --time-budget 480
 --prefix decode_8b_tp4_decode``, then ``--merge`` the JSON files.
@@ -260,7 +260,7 @@ def parse_args(argv=None):
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true",
                         help="the default: GPU 8B, TP=4, 1x4, batch 1/8/32, prompt 128, "
-                             "generate 128, xla/nvrar/nocomm, ~4 min")
+                             "generate 128, xla/nvrar/nocomm, ~3 min")
     preset.add_argument("--full", action="store_true",
                         help="8B/70B/405B, TP 2 and 4, layouts 1x2 1x4 2x2, both "
                              "workloads, batch 1..64 (hours: split with the flags below)")
