@@ -297,7 +297,8 @@ def main(argv=None) -> int:
     cfg = config.get_config(model, n_layers=args.layers, dtype=dtype)
     mesh = tp_lib.make_mesh(args.tp)
     tp_lib.check_tp(cfg, mesh.size)
-    psum = (lambda x, axis: x) if args.allreduce == "nocomm" else tp_lib.get_psum(args.allreduce)
+    from _decode_cases import no_communication
+    psum = no_communication if args.allreduce == "nocomm" else tp_lib.get_psum(args.allreduce)
     H.log(f"{model}: {cfg.n_layers} layers, tp={mesh.size}, batch {args.batch}, allreduce={args.allreduce}")
     graphdef, state = tp_lib.init_weights(cfg, mesh, seed=args.seed)
     summary, read = profile_steps(Generator(graphdef, state, mesh, psum), cfg, args)

@@ -78,14 +78,14 @@ class _Routes(logging.Handler):
             self.counts[(record.route, record.nbytes)] += 1
 
     def __enter__(self):
-        self.level = self.logger.level
+        self.saved_level = self.logger.level  # not self.level: the handler's own
         self.logger.setLevel(logging.DEBUG)
         self.logger.addHandler(self)
         return self
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
+        self.logger.setLevel(self.saved_level)
 
     def summary(self) -> list[dict]:
         return [{"route": route, "bytes": nbytes, "traced": n}
