@@ -777,6 +777,15 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
 
 // ------------------------------------------------------------- host launcher
 
+// Whether a message of `chunk` packets per local rank fits a slot: one parity
+// of an LL region (every variant can fall back to LL lines) holds node_size
+// chunks, an inter-node step one chunk.
+bool fits_slot(int64_t chunk, int node_size, int num_nodes, int64_t ll_lines,
+               int64_t inter_step_bytes) {
+  return node_size * chunk <= ll_lines &&
+         (num_nodes == 1 || chunk * kPayload <= inter_step_bytes);
+}
+
 // The variant a call runs: the one asked for, or for kAuto the default
 // table; the hierarchical path (N > 1) always starts like LL two-shot. Then
 // a variant whose region is too small for the message hands it to the next
@@ -805,8 +814,9 @@ struct Grid {
   int threads;
 };
 
-// The default grid of a variant for a message of nbytes.
-Grid launch_grid_rule(int algo, int64_t nbytes) {
+// The default grid of a variant for a message of nbytes (the "blocks"
+// attribute, when not 0, replaces the block count).
+Grid launch_grid(int algo, int64_t nbytes) {
   if (algo == kOneShotLamport || algo == kTwoShotLamport) {
     // One 16-byte vector per thread, in small blocks up to 256 KB: the
     // stores then leave from many SMs at once.
@@ -827,15 +837,6 @@ Grid launch_grid_rule(int algo, int64_t nbytes) {
   return {int(std::max<int64_t>(1, std::min<int64_t>(blocks, cap))), kThreads};
 }
 
-// The grid asked for: blocks_wanted blocks (0: the rule's), the rule's
-// threads.
-Grid launch_grid(int algo, int64_t nbytes, int64_t blocks_wanted) {
-  Grid grid = launch_grid_rule(algo, nbytes);
-  if (blocks_wanted > 0)
-    grid.blocks = int(std::min<int64_t>(blocks_wanted, kMaxBlocks));
-  return grid;
-}
-
 // Blocks of this kernel that fit on the device at once. Every block of a
 // launch must be resident: blocks spin on data that peers' blocks of the
 // same index range send, so a block left waiting for an SM that spinning
@@ -849,14 +850,21 @@ int resident_blocks(int threads) {
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) !=
             cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, allreduce_kernel<T>, t, 0) != cudaSuccess)
+            &per_sm, allreduce_kernel<T>, t, 0) != cudaSuccess) {
+      cudaGetLastError();  // clear it: the launch check reads the last error
       return -1;
+    }
     return sms * per_sm;
   };
-  static int small = -1, large = -1;  // a failed query is asked again
-  int& cached = threads == 128 ? small : large;
-  if (cached < 1) cached = count(threads);
-  return cached;
+  // A failed query is asked again; handlers may run on several threads.
+  static std::atomic<int> small{-1}, large{-1};
+  std::atomic<int>& cached = threads == 128 ? small : large;
+  int blocks = cached.load(std::memory_order_relaxed);
+  if (blocks < 1) {
+    blocks = count(threads);
+    cached.store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
 }
 
 // Per (slot, node_size, group) state computed once: peers and partners.
@@ -915,9 +923,9 @@ ffi::ErrorOr<Plan> make_plan(const Runtime& rt, const std::vector<int64_t>& grou
     p.ll_b[j] = reinterpret_cast<uint4*>(remote + layout.b_offset());
     p.lp[j] = reinterpret_cast<uint4*>(remote + layout.lamport_offset());
   }
-  p.lp_vecs = int64_t(layout.lamport_bytes / 2 / sizeof(uint4));
-  p.ll_packets = int64_t(layout.ll_bytes / 2 / sizeof(uint4));
-  p.inter_bytes = int64_t(layout.inter_bytes / (2 * kMaxSteps)) / 16 * 16;
+  p.lp_vecs = layout.lamport_vecs();
+  p.ll_packets = layout.ll_lines();
+  p.inter_bytes = layout.inter_step_bytes(kMaxSteps);
   p.recv = slot_base + layout.recv_offset();
   p.stage = slot_base + layout.stage_offset();
   p.header = reinterpret_cast<Header*>(slot_base);
@@ -1023,13 +1031,14 @@ ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
     return ffi::Error::InvalidArgument(
         "jax_nvrar: fault switch " + std::to_string(fault) + " is not 0, 1 or 2");
   p.fault = int(fault);
-  if (G * p.chunk > p.ll_packets || (N > 1 && p.chunk * kPayload > p.inter_bytes))
+  if (!fits_slot(p.chunk, G, N, p.ll_packets, p.inter_bytes))
     return ffi::Error::InvalidArgument(
         "jax_nvrar: a message of " + std::to_string(nbytes) +
         " bytes exceeds the workspace slot; jax_nvrar.psum splits larger "
         "messages, so this call bypassed it");
   p.algo = pick_variant(p, G, N, int(algo));
-  Grid grid = launch_grid(p.algo, nbytes, blocks);
+  Grid grid = launch_grid(p.algo, nbytes);
+  if (blocks > 0) grid.blocks = int(std::min<int64_t>(blocks, kMaxBlocks));
   const int resident = resident_blocks<T>(grid.threads);
   if (resident < 1)
     return ffi::Error::Internal(
@@ -1095,12 +1104,12 @@ uint32_t lamport_empty_word() { return kEmpty; }
 
 size_t max_message_bytes(size_t slot_bytes, int node_size, int num_nodes) {
   const SlotLayout layout = slot_layout(slot_bytes);
-  const int64_t ll_packets = int64_t(layout.ll_bytes / 2 / sizeof(uint4));
-  int64_t packets = ll_packets - node_size;  // node_size * ceil(P / G) fits
-  if (num_nodes > 1) {
-    const int64_t inter = int64_t(layout.inter_bytes / (2 * kMaxSteps)) / 16 * 16;
-    packets = std::min<int64_t>(packets, (inter / kPayload - 1) * node_size);
-  }
+  // A multiple of 256 bytes whose chunk (packets over node_size, rounded up)
+  // passes fits_slot, the check every launch makes.
+  int64_t packets = layout.ll_lines() - node_size;  // G * ceil(P / G) <= P + G - 1
+  if (num_nodes > 1)
+    packets = std::min<int64_t>(
+        packets, (layout.inter_step_bytes(kMaxSteps) / kPayload - 1) * node_size);
   return size_t(std::max<int64_t>(0, packets) * kPayload / 256 * 256);
 }
 
