@@ -111,15 +111,18 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, K, D] with K dividing H; mask: [B, T, S]."""
+    """Grouped-query attention. q: [B, T, H, D]; k, v: [B, K, S, D] with K dividing H; mask: [B, T, S].
+
+    Keys and values come head-major, the layout of a batched matmul over (B, K): the cache keeps them
+    so, and a decode step reads it without transposing it."""
     b, t, h, d = q.shape
-    n_kv = k.shape[2]
+    n_kv = k.shape[1]
     q = q.reshape(b, t, n_kv, h // n_kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     # A finite floor rather than -inf: rows with no visible key (left padding) stay NaN-free.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -146,10 +149,10 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, inv_freq, mask, kv_cache, pos, reduce):
         q = apply_rope(jnp.einsum("btd,dhk->bthk", x, self.q_proj[...]), positions, inv_freq)
         k = apply_rope(jnp.einsum("btd,dhk->bthk", x, self.k_proj[...]), positions, inv_freq)
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...])
+        k, v = k.transpose(0, 2, 1, 3), jnp.einsum("btd,dhk->bhtk", x, self.v_proj[...])  # [B, K, T, D]
         if kv_cache is not None:
-            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, pos, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, pos, 0, 0))
+            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, 0, pos, 0))
+            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, 0, pos, 0))
         out = attention(q, k, v, mask)
         return reduce(jnp.einsum("bthk,hkd->btd", out, self.o_proj[...])), (k, v)
 
@@ -185,7 +188,7 @@ class Block(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys and values ``[B, S, kv_heads, head_dim]``, each row's first valid slot ``start [B]``
+    """Per-layer keys and values ``[B, kv_heads, S, head_dim]``, each row's first valid slot ``start [B]``
     and the slot the next token goes to, ``pos`` (a scalar shared by all rows)."""
 
     k: list
@@ -209,7 +212,8 @@ class Llama(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache for ``batch`` rows of ``max_len`` slots, shaped after this (shard of the) model."""
-        shapes = [(batch, max_len) + layer.self_attn.k_proj.shape[1:] for layer in self.layers]
+        shapes = [(batch, layer.self_attn.k_proj.shape[1], max_len, layer.self_attn.k_proj.shape[2])
+                  for layer in self.layers]
         dtype = dtype or self.embed_tokens.dtype
         return KVCache(k=[jnp.zeros(s, dtype) for s in shapes], v=[jnp.zeros(s, dtype) for s in shapes],
                        start=jnp.zeros((batch,), jnp.int32), pos=jnp.zeros((), jnp.int32))
@@ -227,7 +231,7 @@ class Llama(nnx.Module):
             start = jnp.zeros((b,), jnp.int32) if start is None else start
             pos, n_slots = jnp.zeros((), jnp.int32), t
         else:
-            start, pos, n_slots = cache.start, cache.pos, cache.k[0].shape[1]
+            start, pos, n_slots = cache.start, cache.pos, cache.k[0].shape[2]
         slots = pos + jnp.arange(t, dtype=jnp.int32)
         positions = jnp.maximum(slots[None, :] - start[:, None], 0)
         keys = jnp.arange(n_slots, dtype=jnp.int32)

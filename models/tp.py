@@ -46,7 +46,7 @@ __all__ = ["AXIS", "RULES", "make_mesh", "check_tp", "get_psum", "init_weights",
 AXIS = "tp"
 # Logical axis -> mesh axis. Every axis not named here is replicated.
 RULES = {"vocab": AXIS, "heads": AXIS, "kv_heads": AXIS, "ffn": AXIS}
-CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 Psum = Callable[[jax.Array, str], jax.Array]
 
