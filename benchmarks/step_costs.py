@@ -1,47 +1,59 @@
-"""Where the per-call time of a chained all-reduce goes (GPU, one process per
-GPU; bfloat16). Run under the launcher::
+"""Where the per-call time of a chained all-reduce goes (one process per GPU;
+bfloat16 on GPUs, float32 on simulated CPU devices). Run under the launcher::
 
-    python -m jax_nvrar.launch --nproc-per-node 4 benchmarks/step_costs.py
+    python -m jax_nvrar.launch --nproc-per-node 4 benchmarks/step_costs.py --trace
 
-Each row is a jitted chain of 64 calls on every rank; the time is the median
-of 7 runs over 64 (rank 0's clock). Rows:
+Each row is a jitted chain of ``--calls`` calls on every rank; the time is the
+median of ``--repeats`` runs over the number of calls (rank 0's clock), so it
+holds the host's share of a run (dispatch, command-buffer updates, the final
+synchronisation) spread over the calls. Rows:
 
   * ``fusion only``: ``v <- v / 4 + d`` behind an optimization barrier, the
     elementwise kernel the all-reduce benchmark puts between calls;
   * ``xla fused``: ``v <- psum(v) / 4 + d`` with XLA's psum (NCCL);
   * ``VARIANT bare``: ``v <- psum(v)`` with the kernel (XLA cannot fold a
     custom call, so no elementwise kernel is needed to keep calls distinct);
-    the input is 2**-100, so 64 products by 4 stay finite and exact;
+    the input is 2**-100, so the products by 4 stay finite and exact;
   * ``VARIANT fused``: as ``xla fused``, with the kernel;
   * ``oneshot_ll nowait``: LL one-shot with JAX_NVRAR_FAULT_INJECT=1 (data
     used without waiting for peers; results wrong): the kernel's cost
     without its wait.
 
-Markdown on stdout (rank 0), progress on stderr.
+``--trace`` runs each chain once more under the profiler and splits rank 0's
+per-call time into device time (first op start to last op end, over the
+calls), the ops' own time by kind (all-reduce, fusion) and the gaps between
+them; wall minus device time is the host's share. Without GPUs the kernel
+rows run the reference backend on simulated devices (a check of the script,
+not a measurement).
+
+Markdown on stdout (rank 0), progress on stderr, ``--json`` for the rows.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
+import os
 import sys
-import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-import jax_nvrar
-from jax_nvrar import _config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
 
-CALLS = 64
-SIZES = (4096, 32768, 131072, 262144, 524288)
-VARIANTS = ("oneshot_lamport", "twoshot_lamport", "oneshot_ll")
+VARIANTS = "oneshot_lamport,twoshot_lamport,oneshot_ll"
 
 
-def chain(mesh, reduce, mode):
+def chain(mesh, reduce, mode: str, calls: int):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.sharding import PartitionSpec as P
+
     def body(v):
-        d = jnp.where(lax.axis_index("tp") % 2 == 0, 1, -1).astype(v.dtype)
-        for _ in range(CALLS):
+        d = jnp.where(lax.axis_index("tp") % 2 == 0, 1, -1).astype(v.dtype)  # +1 even ranks, -1 odd
+        for _ in range(calls):
             if mode == "fusion":
                 v = lax.optimization_barrier(v * 0.25 + d)
             elif mode == "bare":
@@ -53,48 +65,128 @@ def chain(mesh, reduce, mode):
                                  out_specs=P("tp"), check_vma=False))
 
 
-def per_call_us(compiled, x):
-    for _ in range(3):
-        compiled(x).block_until_ready()
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        compiled(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) / CALLS * 1e6
+def cases(variants: list[str], kernel_backend: str, nowait: bool) -> list[tuple]:
+    """(name, backend or None, mode, variant, fault switch)."""
+    out = [("fusion only", None, "fusion", "auto", "0"),
+           ("xla fused", "xla", "fused", "auto", "0")]
+    for variant in variants:
+        out += [(f"{variant} bare", kernel_backend, "bare", variant, "0"),
+                (f"{variant} fused", kernel_backend, "fused", variant, "0")]
+    if nowait:
+        out.append(("oneshot_ll nowait", kernel_backend, "bare", "oneshot_ll", "1"))
+    return out
 
 
-def main():
-    jax_nvrar.initialize()
-    n = jax.process_count()
+def device_split(events, calls: int) -> dict:
+    """Per call, from one process's trace of one chain: device time (first op
+    start to last op end), the ops' own time by kind, and the gaps."""
+    from step_profile import category
+
+    if not events:
+        return {"device_us": float("nan")}
+    first = min(start for _, _, start in events)
+    last = max(start + us * 1e3 for _, us, start in events)
+    device = (last - first) / 1e3 / calls
+    kinds: dict[str, float] = {}
+    for name, us, _ in events:
+        kinds[category(name)] = kinds.get(category(name), 0.0) + us / calls
+    busy = sum(kinds.values())
+    return {"device_us": device, "ops_us": kinds, "busy_us": busy, "gaps_us": device - busy}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="4K,32K,128K,256K,512K", help="message sizes per rank")
+    p.add_argument("--variants", default=VARIANTS, help="kernel variants (comma-separated)")
+    p.add_argument("--calls", type=int, default=64, help="calls per chain")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per chain (median)")
+    p.add_argument("--no-nowait", action="store_true", help="skip the fault-switch row")
+    p.add_argument("--trace", action="store_true", help="split each row by a device trace")
+    p.add_argument("--cpu-devices", type=int, default=2)
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args(argv)
+    if args.calls < 1 or args.repeats < 1:
+        p.error("--calls and --repeats must be >= 1")
+    if args.trace:  # profile the CUDA graphs the chains really run (read when the backend starts)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_enable_command_buffers_during_profiling=true").strip()
+
+    from jax._src import distributed
+    on_gpu = H.gpu_count() > 0
+    if on_gpu:
+        why = H.start_nvshmem()
+        if why:
+            sys.exit(f"step_costs: {why} (one process per GPU: run it under the launcher)")
+    import jax
+    if not on_gpu and distributed.global_state.client is None:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jax_nvrar
+    from jax_nvrar import _config
+    from step_profile import traced
+
+    n = jax.device_count()
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("tp",))
-    xla = lambda v: lax.psum(v, "tp")  # noqa: E731
-    kernel = lambda v: jax_nvrar.psum(v, "tp", backend="nvshmem")  # noqa: E731
-    cases = [("fusion only", None, "fusion", "auto", "0"),
-             ("xla fused", xla, "fused", "auto", "0")]
-    for variant in VARIANTS:
-        cases += [(f"{variant} bare", kernel, "bare", variant, "0"),
-                  (f"{variant} fused", kernel, "fused", variant, "0")]
-    cases.append(("oneshot_ll nowait", kernel, "bare", "oneshot_ll", "1"))
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    reducers = {"xla": lambda v: lax.psum(v, "tp")}
+    for backend in ("nvshmem", "reference"):
+        reducers[backend] = lambda v, b=backend: jax_nvrar.psum(v, "tp", backend=b)
+    kernel_backend = "nvshmem" if on_gpu else "reference"
     rows = []
-    for size in SIZES:
-        x = jax.device_put(jnp.full((n, size // 2), 2.0**-100, jnp.bfloat16),
+    for size in H.parse_sizes(args.sizes):
+        x = jax.device_put(jnp.full((n, size // jnp.dtype(dtype).itemsize), 2.0**-100, dtype),
                            NamedSharding(mesh, P("tp")))
-        for name, reduce, mode, algo, fault in cases:
+        for name, backend, mode, algo, fault in cases(H.parse_list(args.variants), kernel_backend,
+                                                      on_gpu and not args.no_nowait):
             with _config.override(JAX_NVRAR_ALGO=algo, JAX_NVRAR_FAULT_INJECT=fault):
-                compiled = chain(mesh, reduce, mode).lower(x).compile()
-            rows.append((size, name, per_call_us(compiled, x)))
+                compiled = chain(mesh, reducers.get(backend), mode, args.calls).lower(x).compile()
+            H.barrier("jax_nvrar_step_costs")
+            times, _ = H.time_runs(compiled, (x,), warmup=3, repeats=args.repeats)
+            row = {"size": size, "chain": name, "wall_us": float(np.median(times)) / args.calls * 1e6}
+            if args.trace:
+                events, _ = traced(lambda: compiled(x).block_until_ready())
+                row.update(device_split(events, args.calls))
+            rows.append(row)
             if jax.process_index() == 0:
-                print(f"{size:8} {name:24} {rows[-1][2]:7.2f} us",
-                      file=sys.stderr, flush=True)
+                extra = (f", device {row['device_us']:.2f} us, gaps {row['gaps_us']:.2f} us"
+                         if "gaps_us" in row else "")
+                H.log(f"{size:8} {name:24} {row['wall_us']:7.2f} us per call{extra}")
     if jax.process_index() == 0:
-        print(f"# per-call time, chains of {CALLS}, {n} x "
-              f"{jax.devices()[0].device_kind}, bfloat16\n")
-        print("| size (B) | chain | us per call |\n|---:|---|---:|")
-        for size, name, us in rows:
-            print(f"| {size} | {name} | {us:.2f} |")
+        print(report(rows, args.calls, n, jax.devices()[0].device_kind, np.dtype(dtype).name))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"calls": args.calls, "devices": n,
+                                                   "rows": rows}, indent=2))
     jax_nvrar.finalize()
+    return 0
+
+
+def report(rows, calls: int, n: int, kind: str, dtype: str) -> str:
+    lines = [f"# Per-call time, chains of {calls}, {n} x {kind}, {dtype}", ""]
+    traced_rows = any("device_us" in r for r in rows)
+    if not traced_rows:
+        lines += ["| size (B) | chain | us per call |", "|---:|---|---:|"]
+        lines += [f"| {r['size']} | {r['chain']} | {r['wall_us']:.2f} |" for r in rows]
+        return "\n".join(lines)
+    lines += ["Device: first op start to last op end of one traced run, per call; host = wall - "
+              "device. Op times per call by kind; gaps = device - op times. Ops on several streams "
+              "(or, on CPU, of several simulated devices) overlap and are summed.", "",
+              "| size (B) | chain | wall | device | host | all-reduce ops | fusions | other ops | gaps |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ops = r.get("ops_us", {})
+        ar = ops.get("all-reduce", 0.0)
+        fusion = ops.get("fusion (other)", 0.0)
+        other = sum(ops.values()) - ar - fusion
+        lines.append(f"| {r['size']} | {r['chain']} | {r['wall_us']:.2f} | {r['device_us']:.2f} | "
+                     f"{r['wall_us'] - r['device_us']:.2f} | {ar:.2f} | {fusion:.2f} | {other:.2f} | "
+                     f"{r.get('gaps_us', float('nan')):.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -169,6 +169,32 @@ def collectives_across_ranks(events, steps: int) -> dict:
     return out
 
 
+def traced(run) -> tuple[list, float]:
+    """Runs ``run()`` under the profiler: (``op_events`` of this process's trace, wall time in us).
+    Every process calls it; a failed trace read anywhere fails everywhere, before any later gather
+    could wait for the failed process."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        begin = time.perf_counter()
+        run()
+        wall_us = (time.perf_counter() - begin) * 1e6
+        jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        try:
+            if not paths:
+                raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
+            events, problem = op_events(paths[0]), ""
+        except Exception as exc:  # agreed below, so that no process waits in a gather for this one
+            events, problem = [], f"{type(exc).__name__}: {exc}"
+    failed = [i for i, bad in enumerate(H.gather_rows([float(bool(problem))])[:, 0]) if bad]
+    if failed:
+        raise RuntimeError(f"reading the trace failed on process(es) {failed}"
+                           + (f"; here: {problem}" if problem else ""))
+    return events, wall_us
+
+
 def profile_steps(gen, cfg, args) -> tuple[dict, int]:
     """Prefill, warm-up, then ``args.steps`` profiled decode steps.
     -> (summary of process 0's trace, or {} elsewhere; bytes read per step)."""
@@ -185,24 +211,12 @@ def profile_steps(gen, cfg, args) -> tuple[dict, int]:
     read = weight_read_bytes(gen.state) + sum(
         x.addressable_shards[0].data.nbytes for x in cache.k + cache.v)
     H.barrier("jax_nvrar_step_profile")
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        begin = time.perf_counter()
-        out, _, cache = gen.decode(out[-1], cache, key, args.steps)
-        jax.block_until_ready((out[-1], cache))
-        wall_us = (time.perf_counter() - begin) * 1e6
-        jax.profiler.stop_trace()
-        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-        try:
-            if not paths:
-                raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
-            events, problem = op_events(paths[0]), ""
-        except Exception as exc:  # agreed below, so that no process waits in a gather for this one
-            events, problem = [], f"{type(exc).__name__}: {exc}"
-    failed = [i for i, bad in enumerate(H.gather_rows([float(bool(problem))])[:, 0]) if bad]
-    if failed:
-        raise RuntimeError(f"reading the trace failed on process(es) {failed}"
-                           + (f"; here: {problem}" if problem else ""))
+
+    def run():
+        out_, _, cache_ = gen.decode(out[-1], cache, key, args.steps)
+        jax.block_until_ready((out_[-1], cache_))
+
+    events, wall_us = traced(run)
     collectives = collectives_across_ranks(events, args.steps)  # every process takes part
     if jax.process_index() != 0:
         return {}, read

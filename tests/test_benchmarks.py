@@ -292,6 +292,29 @@ def test_link_pass_checks_the_data_it_moves(monkeypatch):
 
 
 # --------------------------------------------------------------------------
+# step_costs.py
+# --------------------------------------------------------------------------
+
+def test_step_costs_functional_run(tmp_path):
+    # CPU: 2 simulated devices, the kernel rows on the reference backend; the
+    # trace split finds XLA's all-reduce in its row and none in the fusion row.
+    out = tmp_path / "costs.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_costs.py"), "--sizes", "4K",
+         "--variants", "oneshot_lamport", "--calls", "4", "--repeats", "1", "--trace",
+         "--json", str(out)],
+        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["chain"]: r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == ["fusion only", "oneshot_lamport bare", "oneshot_lamport fused", "xla fused"]
+    assert all(r["wall_us"] > 0 and r["device_us"] > 0 for r in rows.values())
+    assert rows["xla fused"]["ops_us"]["all-reduce"] > 0
+    assert "all-reduce" not in rows["fusion only"]["ops_us"]
+    assert "| 4096 | xla fused |" in proc.stdout
+
+
+# --------------------------------------------------------------------------
 # step_profile.py
 # --------------------------------------------------------------------------
 
