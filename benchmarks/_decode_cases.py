@@ -213,6 +213,12 @@ def memory_limit() -> float | None:
     return float(H.gather_rows([limit])[:, 0].min()) or None
 
 
+def kv_read_bytes(cache) -> int:
+    """KV-cache bytes one device reads per decode step: its shard of every
+    layer's keys and values (attention reads every slot, masked)."""
+    return sum(x.addressable_shards[0].data.nbytes for x in cache.k + cache.v)
+
+
 def weight_read_bytes(state) -> int:
     """Parameter bytes one device reads per decode step: all of its shards
     but the input embedding table when it is not also the LM head (the
@@ -281,12 +287,12 @@ def run_case(gen, cfg, workload: Workload, batch: int, args) -> dict:
 
     begin = time.perf_counter()
     nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=max_len)
-    for _ in range(max(1, min(args.warmup, workload.gen_len - 1))):  # within the cache
-        nxt, cache = gen.decode_step(gen.state, cache, nxt, key)
-    jax.block_until_ready((nxt, cache))
+    warm_steps = max(1, min(args.warmup, workload.gen_len - 1))  # within the cache
+    out, _, cache = gen.decode(nxt, cache, key, warm_steps)
+    jax.block_until_ready((out[-1], cache))
     compile_s = time.perf_counter() - begin
-    kv_bytes = sum(x.addressable_shards[0].data.nbytes for x in cache.k + cache.v)
-    del nxt, cache
+    kv_bytes = kv_read_bytes(cache)
+    del nxt, out, cache
 
     H.barrier("jax_nvrar_decode_case")
     ttft = []

@@ -454,11 +454,15 @@ def start_nvshmem() -> str | None:
     return why or "unavailable on another rank"
 
 
+#: The payload kind of a GPU measurement (CPU runs are "functional").
+MEASURED = "performance"
+
+
 def run_kind(devices: Sequence[dict]) -> str:
     """Only GPU processes measure performance; CPU ones (tests of the
     driver) are functional runs whatever mode started them."""
     on_gpu = bool(devices) and all(d.get("backend") != "cpu" for d in devices)
-    return "performance" if on_gpu else "functional"
+    return MEASURED if on_gpu else "functional"
 
 
 # --------------------------------------------------------------------------
@@ -483,6 +487,17 @@ def write_json(path: Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
     tmp.replace(path)
     return path
+
+
+def load_measurement(path, *, allow_test_input: bool, use: str) -> dict:
+    """A benchmark's JSON payload; SystemExit unless it is a GPU measurement
+    (kind "performance") or test input is allowed. ``use`` ends the message:
+    what a run that is not a measurement would be used for."""
+    payload = json.loads(Path(path).read_text())
+    kind = payload.get("kind")
+    if kind != MEASURED and not allow_test_input:
+        raise SystemExit(f"{path} is a {kind!r} run, not a GPU measurement: {use}")
+    return payload
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -104,15 +104,15 @@ XLA_CK_FLAGS = (
     "--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE",
     "--xla_gpu_experimental_use_collective_kernels=COLLECTIVE_KERNEL_ALL_REDUCE",
 )
-GPU_LAYOUTS = "1x2,1x4,2x2,4x1"  # on 4 GPUs; gpu_layouts(n) in general
-
-
 def gpu_layouts(n: int) -> str:
     """Default layouts on n GPUs: 1x2, then every NODESxGPUS of all n
     (1x4 2x2 4x1 on 4 GPUs; 1x8 2x4 4x2 8x1 on 8, the paper's node shape
     among them)."""
     sizes = [g for g in range(n, 0, -1) if n % g == 0]
     return ",".join(dict.fromkeys(["1x2"] + [f"{n // g}x{g}" for g in sizes]))
+
+
+GPU_LAYOUTS = gpu_layouts(4)  # in --help
 CPU_LAYOUTS = "1x2,1x4,2x2,4x1,1x8,2x4,8x1"
 CPU_DEVICES = 8
 

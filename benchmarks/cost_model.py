@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import statistics
 import sys
@@ -96,7 +95,6 @@ INTRA_SOURCE = {"ring": ("xla",), "tree": ("xla",),
                             "nvshmem", "xla"),
                 "nvrar": ("nvshmem:twoshot_ll", "nvshmem:twoshot", "nvshmem",
                           "xla")}
-MEASURED_KINDS = ("performance",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,14 +215,10 @@ def relative_errors(pairs) -> dict:
 
 
 def load_sweep(path: Path, *, allow_test_input: bool) -> dict:
-    payload = json.loads(Path(path).read_text())
-    kind = payload.get("kind")
-    if kind not in MEASURED_KINDS and not allow_test_input:
-        raise SystemExit(
-            f"{path} is a {kind!r} run, not a GPU measurement: a fit to it "
-            "predicts nothing. Pass --allow-test-input to exercise the model "
-            "anyway (outputs are then labelled as such).")
-    return payload
+    return H.load_measurement(
+        path, allow_test_input=allow_test_input,
+        use="a fit to it predicts nothing. Pass --allow-test-input to exercise "
+            "the model anyway (outputs are then labelled as such).")
 
 
 def load_sweeps(paths: list, *, allow_test_input: bool) -> dict:
@@ -584,7 +578,7 @@ def main(argv=None) -> dict:
     if not 0 < args.nic_efficiency <= 1:
         p.error("--nic-efficiency must be in (0, 1]")
     sweep = load_sweeps(args.sweep, allow_test_input=args.allow_test_input)
-    test_input = sweep.get("kind") not in MEASURED_KINDS
+    test_input = sweep.get("kind") != H.MEASURED
     every = parse_inter(args.inter)
     names = H.parse_list(args.interconnects) + [i.split("=")[0]
                                                  for i in args.inter]

@@ -200,7 +200,7 @@ def profile_steps(gen, cfg, args) -> tuple[dict, int]:
     -> (summary of process 0's trace, or {} elsewhere; bytes read per step)."""
     import jax
 
-    from _decode_cases import device_inputs, weight_read_bytes
+    from _decode_cases import device_inputs, kv_read_bytes, weight_read_bytes
 
     tokens, start, key = device_inputs(gen.mesh, cfg.vocab_size, args.batch, args.prompt_len,
                                        args.seed)
@@ -208,8 +208,7 @@ def profile_steps(gen, cfg, args) -> tuple[dict, int]:
     nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=max_len)
     out, _, cache = gen.decode(nxt, cache, key, args.warmup)
     jax.block_until_ready((out[-1], cache))
-    read = weight_read_bytes(gen.state) + sum(
-        x.addressable_shards[0].data.nbytes for x in cache.k + cache.v)
+    read = weight_read_bytes(gen.state) + kv_read_bytes(cache)
     H.barrier("jax_nvrar_step_profile")
 
     def run():

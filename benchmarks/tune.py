@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import subprocess
 import sys
@@ -57,7 +56,7 @@ def measured(payloads: list[dict], dtype: str) -> dict:
         for r in payload.get("results", []):
             if (r.get("status") == "ok" and r.get("wrong", 0) == 0
                     and r.get("base_backend") == "nvshmem" and r.get("nodes") == 1
-                    and _tuning.split(r.get("algo", ""))[0] in _tuning.CANDIDATES
+                    and _tuning.is_candidate(r.get("algo", ""))
                     and r.get("dtype") == dtype and r.get("time_us")):
                 times[(r["node_size"], r["size"])][r["algo"]].append(r["time_us"])
     return {key: {v: statistics.median(ts) for v, ts in by_variant.items()}
@@ -189,11 +188,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         p.error(f"--blocks: {error}")
     sources = args.sweeps or [measure(args)]
-    payloads = [json.loads(Path(s).read_text()) for s in sources]
-    for source, payload in zip(sources, payloads):
-        if payload.get("kind") != "performance" and not args.allow_test_input:
-            raise SystemExit(f"{source} is a {payload.get('kind')!r} run, not a GPU "
-                             "measurement: its times choose nothing")
+    payloads = [H.load_measurement(s, allow_test_input=args.allow_test_input,
+                                   use="its times choose nothing") for s in sources]
     table = build(payloads, sources, args.dtype)
     _tuning.check_table(table, args.out)
     H.write_json(Path(args.out), table)

@@ -44,7 +44,8 @@ def split(setting: str) -> tuple[str, int]:
     return variant, int(blocks or 0)
 
 
-def _is_candidate(setting: str) -> bool:
+def is_candidate(setting: str) -> bool:
+    """Whether a table setting (VARIANT or VARIANT/BLOCKS) names a candidate variant."""
     try:
         return split(setting)[0] in CANDIDATES
     except ValueError:
@@ -66,7 +67,7 @@ def check_table(table: dict, where: str) -> list[dict]:
         raise ValueError(f"{where}: the table has no entries")
     for entry in entries:
         times = entry.get("times_us")
-        if not times or not all(_is_candidate(s) for s in times):
+        if not times or not all(is_candidate(s) for s in times):
             raise ValueError(f"{where}: entry {entry} needs times_us of variants "
                              f"among {CANDIDATES}, each optionally with "
                              f"'/BLOCKS' (1 to {MAX_BLOCKS})")

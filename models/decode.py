@@ -96,13 +96,16 @@ class _Routes(logging.Handler):
                          for (route, nbytes), n in sorted(self.counts.items()))
 
 
+ALLREDUCES = ("nvrar", "reference", "xla")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m models.decode", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help="preset name (see models/config.py) or checkpoint folder")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices)")
-    p.add_argument("--allreduce", choices=("nvrar", "reference", "xla"), default="nvrar",
+    p.add_argument("--allreduce", choices=ALLREDUCES, default="nvrar",
                    help="nvrar: jax_nvrar.psum (backend auto); reference: its pure-JAX schedule; "
                         "xla: jax.lax.psum")
     p.add_argument("--batch", type=int, default=4)
@@ -119,14 +122,14 @@ def parse_args(argv=None):
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices when running on CPU")
     p.add_argument("--no-warmup", action="store_true", help="time the first (compiling) run")
     p.add_argument("--compare-with", default="",
-                   help="comma list of other all-reduces (nvrar, reference, xla) that generate the same "
+                   help=f"comma list of other all-reduces ({', '.join(ALLREDUCES)}) that generate the same "
                         "prompts on the same weights; their tokens are compared with this run's")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     args = p.parse_args(argv)
     args.compare_with = [name for name in args.compare_with.split(",") if name]
-    unknown = set(args.compare_with) - {"nvrar", "reference", "xla"}
+    unknown = set(args.compare_with) - set(ALLREDUCES)
     if unknown:
-        p.error(f"--compare-with: unknown all-reduces {sorted(unknown)}; expected nvrar, reference or xla")
+        p.error(f"--compare-with: unknown all-reduces {sorted(unknown)}; expected one of {', '.join(ALLREDUCES)}")
     for name in ("batch", "prompt_len", "gen_len", "cpu_devices"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
