@@ -454,6 +454,37 @@ def start_nvshmem() -> str | None:
     return why or "unavailable on another rank"
 
 
+def profile_command_buffers() -> None:
+    """Keep XLA's command buffers on under the profiler (XLA otherwise runs
+    them op by op while a profiler is attached), so that a trace shows the
+    CUDA graphs a run really executes. XLA reads the flag when the backend
+    starts: call this before."""
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_enable_command_buffers_during_profiling=true").strip()
+
+
+def start_backend(who: str, *, nvshmem: bool, cpu_devices: int) -> bool:
+    """The devices of a script that runs on GPUs under the launcher or on
+    simulated CPU devices; True on GPUs. On GPUs, with ``nvshmem``, NVSHMEM
+    starts first (the script exits, naming ``who``, where it cannot). Without
+    GPUs (or with JAX_PLATFORMS=cpu) and not launched: ``cpu_devices``
+    simulated devices."""
+    from jax._src import distributed
+
+    launched = distributed.global_state.client is not None
+    on_gpu = gpu_count() > 0 and os.environ.get("JAX_PLATFORMS", "") != "cpu"
+    if on_gpu and nvshmem:
+        why = start_nvshmem()
+        if why:
+            sys.exit(f"{who}: {why} (one process per GPU: run it under the launcher)")
+    import jax
+
+    if not on_gpu and not launched:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    return on_gpu
+
+
 #: The payload kind of a GPU measurement (CPU runs are "functional").
 MEASURED = "performance"
 

@@ -104,6 +104,8 @@ XLA_CK_FLAGS = (
     "--xla_gpu_experimental_use_collective_kernels=ALL_REDUCE",
     "--xla_gpu_experimental_use_collective_kernels=COLLECTIVE_KERNEL_ALL_REDUCE",
 )
+
+
 def gpu_layouts(n: int) -> str:
     """Default layouts on n GPUs: 1x2, then every NODESxGPUS of all n
     (1x4 2x2 4x1 on 4 GPUs; 1x8 2x4 4x2 8x1 on 8, the paper's node shape

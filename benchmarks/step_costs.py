@@ -13,7 +13,8 @@ synchronisation) spread over the calls. Rows:
   * ``xla fused``: ``v <- psum(v) / 4 + d`` with XLA's psum (NCCL);
   * ``VARIANT bare``: ``v <- psum(v)`` with the kernel (XLA cannot fold a
     custom call, so no elementwise kernel is needed to keep calls distinct);
-    the input is 2**-100, so the products by 4 stay finite and exact;
+    the input is 2**-100, so the products by the device count stay finite
+    and exact (the script refuses chains long enough to overflow);
   * ``VARIANT fused``: as ``xla fused``, with the kernel;
   * ``oneshot_ll nowait``: LL one-shot with JAX_NVRAR_FAULT_INJECT=1 (data
     used without waiting for peers; results wrong): the kernel's cost
@@ -32,8 +33,7 @@ Markdown on stdout (rank 0), progress on stderr, ``--json`` for the rows.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import math
 import sys
 from pathlib import Path
 
@@ -80,18 +80,17 @@ def cases(variants: list[str], kernel_backend: str, nowait: bool) -> list[tuple]
 def device_split(events, calls: int) -> dict:
     """Per call, from one process's trace of one chain: device time (first op
     start to last op end), the ops' own time by kind, and the gaps."""
-    from step_profile import category
+    from step_profile import summarize
 
     if not events:
         return {"device_us": float("nan")}
     first = min(start for _, _, start in events)
     last = max(start + us * 1e3 for _, us, start in events)
-    device = (last - first) / 1e3 / calls
-    kinds: dict[str, float] = {}
-    for name, us, _ in events:
-        kinds[category(name)] = kinds.get(category(name), 0.0) + us / calls
-    busy = sum(kinds.values())
-    return {"device_us": device, "ops_us": kinds, "busy_us": busy, "gaps_us": device - busy}
+    by_kind = {r["category"]: r["us_per_step"]
+               for r in summarize(events, calls, (last - first) / 1e3)["rows"]}
+    return {"device_us": by_kind.pop("wall (host clock)"),
+            "busy_us": by_kind.pop("busy (sum of op times)"),
+            "gaps_us": by_kind.pop("gaps (wall - busy)"), "ops_us": by_kind}
 
 
 def main(argv=None) -> int:
@@ -107,20 +106,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.calls < 1 or args.repeats < 1:
         p.error("--calls and --repeats must be >= 1")
-    if args.trace:  # profile the CUDA graphs the chains really run (read when the backend starts)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + " --xla_enable_command_buffers_during_profiling=true").strip()
-
-    from jax._src import distributed
-    on_gpu = H.gpu_count() > 0
-    if on_gpu:
-        why = H.start_nvshmem()
-        if why:
-            sys.exit(f"step_costs: {why} (one process per GPU: run it under the launcher)")
+    if args.trace:
+        H.profile_command_buffers()
+    on_gpu = H.start_backend("step_costs", nvshmem=True, cpu_devices=args.cpu_devices)
     import jax
-    if not on_gpu and distributed.global_state.client is None:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     import jax.numpy as jnp
     from jax import lax
     from jax.sharding import NamedSharding
@@ -131,12 +120,15 @@ def main(argv=None) -> int:
     from step_profile import traced
 
     n = jax.device_count()
+    # A bare chain multiplies by n at every call, from 2**-100: keep below 2**100.
+    if args.calls * math.log2(max(n, 2)) > 200:
+        sys.exit(f"step_costs: --calls {args.calls} on {n} devices would overflow the bare chains "
+                 f"(at most {int(200 / math.log2(max(n, 2)))})")
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("tp",))
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    reducers = {"xla": lambda v: lax.psum(v, "tp")}
-    for backend in ("nvshmem", "reference"):
-        reducers[backend] = lambda v, b=backend: jax_nvrar.psum(v, "tp", backend=b)
     kernel_backend = "nvshmem" if on_gpu else "reference"
+    reducers = {"xla": lambda v: lax.psum(v, "tp"),
+                kernel_backend: lambda v: jax_nvrar.psum(v, "tp", backend=kernel_backend)}
     rows = []
     for size in H.parse_sizes(args.sizes):
         x = jax.device_put(jnp.full((n, size // jnp.dtype(dtype).itemsize), 2.0**-100, dtype),
@@ -159,8 +151,10 @@ def main(argv=None) -> int:
     if jax.process_index() == 0:
         print(report(rows, args.calls, n, jax.devices()[0].device_kind, np.dtype(dtype).name))
         if args.json:
-            Path(args.json).write_text(json.dumps({"calls": args.calls, "devices": n,
-                                                   "rows": rows}, indent=2))
+            H.write_json(Path(args.json), {"kind": H.MEASURED if on_gpu else "functional",
+                                           "env": H.host_env(), "calls": args.calls,
+                                           "devices": n, "device_kind": jax.devices()[0].device_kind,
+                                           "rows": rows})
     jax_nvrar.finalize()
     return 0
 

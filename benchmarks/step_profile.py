@@ -285,23 +285,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1 (the warm-up compiles the decode step)")
-    # XLA runs command buffers op by op while a profiler is attached unless
-    # told otherwise; the profile is of the CUDA graphs decoding really runs.
-    # (Read when the backend starts, which is below.)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_enable_command_buffers_during_profiling=true").strip()
-
-    from jax._src import distributed
-    launched = distributed.global_state.client is not None
-    on_gpu = H.gpu_count() > 0
-    if args.allreduce == "nvrar" and on_gpu:
-        why = H.start_nvshmem()
-        if why:
-            sys.exit(f"step_profile: {why} (one process per GPU: run it under the launcher)")
+    H.profile_command_buffers()  # the profile is of the CUDA graphs decoding really runs
+    on_gpu = H.start_backend("step_profile", nvshmem=args.allreduce == "nvrar",
+                             cpu_devices=args.cpu_devices)
     import jax
-    if not on_gpu and not launched:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from models import config, tp as tp_lib
     from models.generate import Generator
 

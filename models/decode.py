@@ -96,10 +96,9 @@ class _Routes(logging.Handler):
                          for (route, nbytes), n in sorted(self.counts.items()))
 
 
-ALLREDUCES = ("nvrar", "reference", "xla")
-
-
 def parse_args(argv=None):
+    from models.tp import ALLREDUCES
+
     p = argparse.ArgumentParser(prog="python -m models.decode", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help="preset name (see models/config.py) or checkpoint folder")
@@ -122,14 +121,15 @@ def parse_args(argv=None):
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices when running on CPU")
     p.add_argument("--no-warmup", action="store_true", help="time the first (compiling) run")
     p.add_argument("--compare-with", default="",
-                   help=f"comma list of other all-reduces ({', '.join(ALLREDUCES)}) that generate the same "
-                        "prompts on the same weights; their tokens are compared with this run's")
+                   help=f"comma list of other all-reduces ({', '.join(ALLREDUCES)}) that generate the "
+                        "same prompts on the same weights; their tokens are compared with this run's")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     args = p.parse_args(argv)
     args.compare_with = [name for name in args.compare_with.split(",") if name]
     unknown = set(args.compare_with) - set(ALLREDUCES)
     if unknown:
-        p.error(f"--compare-with: unknown all-reduces {sorted(unknown)}; expected one of {', '.join(ALLREDUCES)}")
+        p.error(f"--compare-with: unknown all-reduces {sorted(unknown)}; "
+                f"expected one of {', '.join(ALLREDUCES)}")
     for name in ("batch", "prompt_len", "gen_len", "cpu_devices"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -40,8 +40,8 @@ from models.checkpoint import Checkpoint, hf_name
 from models.config import LlamaConfig
 from models.llama import KVCache, Llama
 
-__all__ = ["AXIS", "RULES", "make_mesh", "check_tp", "get_psum", "init_weights", "load_weights",
-           "abstract_state", "state_specs", "cache_shardings", "shard_forward", "replicated"]
+__all__ = ["AXIS", "RULES", "ALLREDUCES", "make_mesh", "check_tp", "get_psum", "init_weights",
+           "load_weights", "abstract_state", "state_specs", "cache_shardings", "shard_forward", "replicated"]
 
 AXIS = "tp"
 # Logical axis -> mesh axis. Every axis not named here is replicated.
@@ -49,6 +49,8 @@ RULES = {"vocab": AXIS, "heads": AXIS, "kv_heads": AXIS, "ffn": AXIS}
 CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 Psum = Callable[[jax.Array, str], jax.Array]
+#: The all-reduces ``get_psum`` knows.
+ALLREDUCES = ("nvrar", "reference", "xla")
 
 
 def _is_var(x) -> bool:
@@ -88,10 +90,10 @@ def kv_replicas(cfg: LlamaConfig, tp: int) -> int:
 def get_psum(name: str) -> Psum:
     """The all-reduce for ``--allreduce``: ``xla`` is ``lax.psum``; ``nvrar`` and ``reference`` are
     ``jax_nvrar.psum`` with backend ``auto`` and ``reference``."""
+    if name not in ALLREDUCES:
+        raise ValueError(f"unknown all-reduce {name!r}; expected one of {', '.join(ALLREDUCES)}")
     if name == "xla":
         return jax.lax.psum
-    if name not in ("nvrar", "reference"):
-        raise ValueError(f"unknown all-reduce {name!r}; expected 'nvrar', 'reference' or 'xla'")
     import jax_nvrar  # imported here so the model runs (with 'xla') before the package is built
 
     return functools.partial(jax_nvrar.psum, backend="auto" if name == "nvrar" else "reference")
