@@ -62,8 +62,9 @@ Modes
 
 Runtime on 4xH100: --quick 175 s with one e2e generation per case
 (start-up, weights, 9 cases of ~15 s, mostly compilation; --time-budget
-200 s stops it in time). --full (an estimate) ~3 h (210 cases of ~40 s, 100 cheap 1-layer fit cases), so
-run it in pieces under a 10-minute limit, each with its own --prefix, e.g.
+200 s stops it in time). --full (an estimate) ~3 h (210 cases of ~40 s,
+100 cheap 1-layer fit cases), so run it in pieces under a 10-minute
+limit, each with its own --prefix, e.g.
 ``--full --models llama3.1-8b --tp 4 --workloads decode --time-budget 480
 --prefix decode_8b_tp4_decode``, then ``--merge`` the JSON files.
 ``--compilation-cache DIR`` lets a rerun skip compilation.

@@ -69,9 +69,10 @@ def get_choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def get_number(name: str, kind=int, *, minimum=0):
+def get_number(name: str, kind=int, *, minimum=0, maximum=None):
     """The variable as ``kind`` (int or float), None when it has no value
-    and no default; ValueError naming the variable when malformed."""
+    and no default; ValueError naming the variable when malformed or outside
+    [minimum, maximum]."""
     value = get(name)
     if not value:
         return None
@@ -83,6 +84,8 @@ def get_number(name: str, kind=int, *, minimum=0):
         ) from None
     if number < minimum:
         raise ValueError(f"{name}={number} must be >= {minimum}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name}={number} exceeds its maximum, {maximum}")
     return number
 
 

@@ -95,10 +95,7 @@ def _kernel_variant(algo: str, nbytes: int, node_size: int,
                        else _tuning.variant_for(nbytes, node_size))
     if num_nodes > 1:
         blocks = 0
-    forced = _config.get_number("JAX_NVRAR_BLOCKS")
-    if forced and forced > _tuning.MAX_BLOCKS:
-        raise ValueError(f"JAX_NVRAR_BLOCKS={forced} exceeds the kernel's "
-                         f"{_tuning.MAX_BLOCKS} blocks per launch")
+    forced = _config.get_number("JAX_NVRAR_BLOCKS", maximum=_tuning.MAX_BLOCKS)
     return variant, forced or blocks
 
 
