@@ -28,6 +28,9 @@ from _allreduce_cases import ITEMSIZE, Layout
 BACKENDS = ("xla", "nvrar", "nvshmem", "reference", "nocomm")
 #: Backends with no notion of nodes: one variant per TP size, layout "any".
 LAYOUT_FREE = ("xla", "nocomm")
+# The host's time to dispatch a step: the median over the first steps of each
+# pipelined generation, before XLA's limit on executions in flight can block it.
+HOST_STEPS = 16
 NOCOMM_NOTE = ("nocomm = the model with psum replaced by the identity: the "
                "same compute without communication, NUMERICALLY WRONG; "
                "measured only to split step time into compute and all-reduce")
@@ -259,13 +262,13 @@ def _generate(gen, tokens, start, key, max_len: int, gen_len: int, *,
               sync_steps: bool):
     """Prefill + ``gen_len - 1`` decode steps, dispatched back to back
     (each step waited for if ``sync_steps``).
-    -> (tokens [B, gen_len], per-step seconds if ``sync_steps``, total s)."""
+    -> (tokens [B, gen_len], per-step seconds (see Generator.decode), total s)."""
     import jax
     import numpy as np
     from models.generate import fetch
 
     begin = time.perf_counter()
-    nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=max_len)
+    nxt, cache = gen.prefill(gen.params, tokens, start, key, max_len=max_len)
     out, steps, cache = gen.decode(nxt, cache, key, gen_len - 1, sync_steps=sync_steps)
     jax.block_until_ready((out[-1], cache))
     total = time.perf_counter() - begin
@@ -286,7 +289,7 @@ def run_case(gen, cfg, workload: Workload, batch: int, args) -> dict:
     max_len = workload.max_len
 
     begin = time.perf_counter()
-    nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=max_len)
+    nxt, cache = gen.prefill(gen.params, tokens, start, key, max_len=max_len)
     warm_steps = max(1, min(args.warmup, workload.gen_len - 1))  # within the cache
     out, _, cache = gen.decode(nxt, cache, key, warm_steps)
     jax.block_until_ready((out[-1], cache))
@@ -298,19 +301,21 @@ def run_case(gen, cfg, workload: Workload, batch: int, args) -> dict:
     ttft = []
     for _ in range(args.prefill_repeats):
         t = time.perf_counter()
-        nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=max_len)
+        nxt, cache = gen.prefill(gen.params, tokens, start, key, max_len=max_len)
         nxt.block_until_ready()
         ttft.append(time.perf_counter() - t)
         del nxt, cache
     out, steps, _ = _generate(gen, tokens, start, key, max_len, workload.gen_len,
                               sync_steps=True)
-    e2e, deterministic = [], True
+    e2e, host, deterministic = [], [], True
     for _ in range(args.repeats):
-        again, _, total = _generate(gen, tokens, start, key, max_len,
-                                    workload.gen_len, sync_steps=False)
+        again, dispatch, total = _generate(gen, tokens, start, key, max_len,
+                                           workload.gen_len, sync_steps=False)
         e2e.append(total)
+        host += dispatch[:HOST_STEPS]
         deterministic &= bool(np.array_equal(again, out))
     return {"ttft": ttft, "steps": steps, "e2e": e2e, "tokens": out,
+            "host_step": statistics.median(host),
             "deterministic": deterministic, "compile_s": compile_s,
             "kv_bytes": kv_bytes}
 
@@ -351,8 +356,9 @@ class Worker:
         good = error is None and result is not None
         row = [float(good), float(time.time() < self.args.deadline)]
         if good:
-            row += result["ttft"] + result["steps"] + result["e2e"] + [result["compile_s"]]
-        row += [math.nan] * (2 + n_ttft + n_steps + n_e2e + 1 - len(row))
+            row += result["ttft"] + result["steps"] + result["e2e"] + [result["host_step"],
+                                                                       result["compile_s"]]
+        row += [math.nan] * (2 + n_ttft + n_steps + n_e2e + 2 - len(row))
         rows = H.gather_rows(row)
         self.time_left = bool(rows[:, 1].min() > 0)
         if rows[:, 0].min() < 1 or not good:
@@ -361,7 +367,7 @@ class Worker:
         rows = rows[:, 2:]
         ttft = rows[:, :n_ttft].max(axis=0)
         step_s, step_max = H.median_of_max(rows[:, n_ttft:n_ttft + n_steps].tolist())
-        e2e = rows[:, n_ttft + n_steps:-1].max(axis=0)
+        e2e = rows[:, n_ttft + n_steps:-2].max(axis=0)
         read = read_bytes + result["kv_bytes"]
         fields = dict(
             base, status="ok",
@@ -374,6 +380,7 @@ class Worker:
             steps_timed=n_steps,
             e2e_ms=statistics.median(e2e) * 1e3,
             e2e_synced_ms=(statistics.median(ttft) + sum(step_max)) * 1e3,
+            host_step_ms=float(rows[:, -2].max()) * 1e3,
             tokens_per_s=base["batch"] / step_s,
             e2e_tokens_per_s=base["batch"] * base["gen_len"] / statistics.median(e2e),
             weight_read_bytes=read_bytes, kv_read_bytes=result["kv_bytes"],

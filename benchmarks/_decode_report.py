@@ -176,7 +176,8 @@ def _variant_cell(v: str) -> str:
 COLUMNS = (
     ("batch", "batch", "d"), ("variant", "backend", _variant_cell),
     ("ttft_ms", "TTFT (ms)", ".2f"), ("step_median_ms", "step, synced (ms)", ".3f"),
-    ("step_pipelined_ms", "step (ms)", ".3f"), ("e2e_ms", "e2e batch (ms)", ".1f"),
+    ("step_pipelined_ms", "step (ms)", ".3f"), ("host_step_ms", "host per step (ms)", ".3f"),
+    ("e2e_ms", "e2e batch (ms)", ".1f"),
     ("pipelined_tokens_per_s", "decode tok/s", ".0f"),
     ("pipelined_hbm_gbps", "HBM (GB/s)", ".1f"),
     ("pipelined_roofline_pct", "% of copy bw", ".0f"),
@@ -240,7 +241,9 @@ def report(payload: dict) -> str:
               "step = (e2e - TTFT) / decode steps: the step as the device runs it; the speedup, "
               "all-reduce share, tok/s and HBM columns use it. step, synced: the median of "
               "steps each followed by block_until_ready (slowest rank per step), which adds "
-              "the host's round trip and per-step jitter.",
+              "the host's round trip and per-step jitter. host per step: the host's time to "
+              "dispatch one step (median of the first steps of the pipelined generations, "
+              "slowest rank); where it reaches the step, the host sets the pace, not the GPU.",
               "- HBM = (weight bytes + KV-cache bytes) read per step per device / step. "
               "The model attends over every cache slot with a mask, so each step reads the "
               "whole cache (prompt + generate slots). % of copy bw compares with the copy "

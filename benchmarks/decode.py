@@ -239,6 +239,8 @@ def _method(args) -> dict:
                 "per step; mean and median over steps",
         "e2e": f"median of {args.repeats} generations dispatched back to back (prefill + "
                "gen_len - 1 steps, one synchronisation), slowest rank",
+        "host_step": "the host's time to dispatch one decode step: median of the first "
+                     "steps of the pipelined generations, slowest rank",
         "warmup": f"compile + prefill + {args.warmup} decode steps, untimed",
         "hbm": "(weight + KV-cache bytes read per step per device) / median step; the "
                "embedding table counts only when tied to the LM head",

@@ -205,7 +205,7 @@ def profile_steps(gen, cfg, args) -> tuple[dict, int]:
     tokens, start, key = device_inputs(gen.mesh, cfg.vocab_size, args.batch, args.prompt_len,
                                        args.seed)
     max_len = args.prompt_len + args.warmup + args.steps + 1
-    nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=max_len)
+    nxt, cache = gen.prefill(gen.params, tokens, start, key, max_len=max_len)
     out, _, cache = gen.decode(nxt, cache, key, args.warmup)
     jax.block_until_ready((out[-1], cache))
     read = weight_read_bytes(gen.state) + kv_read_bytes(cache)

@@ -215,8 +215,8 @@ def teacher_forced(gen, other, prompts, tokens) -> dict:
     sequence, start = tp_lib.replicated(sequence, gen.mesh), tp_lib.replicated(start, gen.mesh)
     first = padded.shape[1] - 1  # the position whose logits choose the first generated token
     last = jax.jit(lambda x: x[:, first:])
-    return _logit_stats(last(gen.forward(gen.state, sequence, start)),
-                        last(other.forward(other.state, sequence, start)))
+    return _logit_stats(last(gen.forward(gen.params, sequence, start)),
+                        last(other.forward(other.params, sequence, start)))
 
 
 def cached_logits(gen, prompts, tokens):
@@ -233,12 +233,12 @@ def cached_logits(gen, prompts, tokens):
 
     padded, start = left_pad(prompts)
     tokens = np.asarray(tokens, np.int32)
-    out, cache = gen.prefill_logits(gen.state, tp_lib.replicated(padded, gen.mesh),
+    out, cache = gen.prefill_logits(gen.params, tp_lib.replicated(padded, gen.mesh),
                                     tp_lib.replicated(start, gen.mesh),
                                     max_len=padded.shape[1] + tokens.shape[1])
     steps = [out]
     for col in tokens[:, :-1].T:
-        out, cache = gen.step_logits(gen.state, cache, tp_lib.replicated(np.ascontiguousarray(col), gen.mesh))
+        out, cache = gen.step_logits(gen.params, cache, tp_lib.replicated(np.ascontiguousarray(col), gen.mesh))
         steps.append(out)
     return jax.jit(lambda xs: jnp.stack(xs, axis=1))(steps)
 

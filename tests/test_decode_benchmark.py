@@ -33,8 +33,8 @@ def test_functional_run_is_labelled_and_complete(functional_run):
     table = (out / "decode_cpu_functional.md").read_text()
     assert "FUNCTIONAL run" in table and "FUNCTIONAL run" in proc.stdout  # table on stdout
     assert "TTFT" in proc.stderr and "copy bandwidth" in proc.stderr  # progress on stderr
-    for header in ("TTFT (ms)", "step, synced (ms)", "step (ms)", "e2e batch (ms)",
-                   "decode tok/s", "HBM (GB/s)", "% of copy bw", "all-reduce % of step",
+    for header in ("TTFT (ms)", "step, synced (ms)", "step (ms)", "host per step (ms)",
+                   "e2e batch (ms)", "decode tok/s", "HBM (GB/s)", "% of copy bw", "all-reduce % of step",
                    "step vs xla", "#mismatch"):
         assert f"| {header} |" in table
     assert payload["env"]["packages"]["jax"] and payload["devices"]["cpu"]["backend"] == "cpu"
@@ -47,6 +47,7 @@ def test_functional_run_is_labelled_and_complete(functional_run):
         assert r["dtype"] == "float32" and r["model"] == "tiny" and r["tp"] == 4
         assert r["steps_timed"] == r["gen_len"] - 1 and r["deterministic"]
         assert r["e2e_ms"] > 0 and r["step_median_ms"] > 0 and r["ttft_ms"] > 0
+        assert 0 < r["host_step_ms"] < r["e2e_ms"]  # one step's dispatch, within the generation
         assert r["hbm_gbps"] > 0 and r["roofline_pct"] > 0
         if r["backend"] == "reference":
             assert r["step_speedup"] > 0 and "ar_share_step_pct" in r

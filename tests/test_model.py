@@ -34,7 +34,7 @@ def load(folder, tp=1, **overrides):
 def full_logits(gen, tokens, start=None):
     """No-cache forward over whole (left-padded) sequences: float32 [B, T, vocab]."""
     start = np.zeros(len(tokens), np.int32) if start is None else start
-    out = gen.forward(gen.state, tp_lib.replicated(np.asarray(tokens, np.int32), gen.mesh),
+    out = gen.forward(gen.params, tp_lib.replicated(np.asarray(tokens, np.int32), gen.mesh),
                       tp_lib.replicated(np.asarray(start, np.int32), gen.mesh))
     return np.asarray(out)
 
@@ -106,9 +106,9 @@ def test_decode_step_compiles_once_and_donates_cache():
     assert traces == [(1, 3), (1, 1)], traces  # one prefill and one decode trace for 2 x 4 steps
     tokens, start = (tp_lib.replicated(x, mesh) for x in left_pad([[1, 2, 3]]))
     key = jax.random.key(0)
-    nxt, cache = gen.prefill(gen.state, tokens, start, key, max_len=8)
+    nxt, cache = gen.prefill(gen.params, tokens, start, key, max_len=8)
     old = cache.k[0]
-    nxt, cache = gen.decode_step(gen.state, cache, nxt, key)
+    nxt, cache = gen.decode_step(gen.params, cache, nxt, key)
     assert old.is_deleted(), "decode_step must donate the cache"
     assert int(cache.pos) == 4
 

@@ -55,7 +55,7 @@ def logits(folder, tp=1, n_layers=None):
     mesh = tp_lib.make_mesh(tp)
     gen = Generator(*tp_lib.load_weights(cfg, mesh, folder), mesh)
     tokens = np.arange(1, 9, dtype=np.int32).reshape(1, 8)
-    out = gen.forward(gen.state, tp_lib.replicated(tokens, mesh), tp_lib.replicated(np.zeros(1, np.int32), mesh))
+    out = gen.forward(gen.params, tp_lib.replicated(tokens, mesh), tp_lib.replicated(np.zeros(1, np.int32), mesh))
     return np.asarray(out)
 
 

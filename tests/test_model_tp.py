@@ -47,7 +47,7 @@ def run(tp, psum):
     width = max(map(len, PROMPTS))
     padded = np.array([[0] * (width - len(p)) + p for p in PROMPTS], np.int32)
     start = np.array([width - len(p) for p in PROMPTS], np.int32)
-    logits = gen.forward(gen.state, tp_lib.replicated(padded, mesh), tp_lib.replicated(start, mesh))
+    logits = gen.forward(gen.params, tp_lib.replicated(padded, mesh), tp_lib.replicated(start, mesh))
     return np.asarray(logits), tokens
 
 
@@ -98,7 +98,7 @@ def test_only_collectives_are_one_psum_per_row_parallel_projection():
 
     gen = Generator(*tp_lib.init_weights(cfg, mesh), mesh, psum)
     tokens = tp_lib.replicated(np.ones((2, 1), np.int32), mesh)
-    cache = jax.eval_shape(lambda: gen.prefill(gen.state, tp_lib.replicated(np.ones((2, 3), np.int32), mesh),
+    cache = jax.eval_shape(lambda: gen.prefill(gen.params, tp_lib.replicated(np.ones((2, 3), np.int32), mesh),
                                                tp_lib.replicated(np.zeros(2, np.int32), mesh),
                                                jax.random.key(0), max_len=8))[1]
     jaxpr = jax.make_jaxpr(gen._forward_cached)(gen.state, tokens, cache)
