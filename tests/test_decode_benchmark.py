@@ -34,8 +34,8 @@ def test_functional_run_is_labelled_and_complete(functional_run):
     assert "FUNCTIONAL run" in table and "FUNCTIONAL run" in proc.stdout  # table on stdout
     assert "TTFT" in proc.stderr and "copy bandwidth" in proc.stderr  # progress on stderr
     for header in ("TTFT (ms)", "step, synced (ms)", "step (ms)", "host per step (ms)",
-                   "e2e batch (ms)", "decode tok/s", "HBM (GB/s)", "% of copy bw", "all-reduce % of step",
-                   "step vs xla", "#mismatch"):
+                   "e2e batch (ms)", "decode tok/s", "HBM (GB/s)", "% of copy bw",
+                   "all-reduce % of step", "step vs xla", "#mismatch"):
         assert f"| {header} |" in table
     assert payload["env"]["packages"]["jax"] and payload["devices"]["cpu"]["backend"] == "cpu"
     assert payload["copy"] and payload["copy"][0]["copy_gbps"] > 0
