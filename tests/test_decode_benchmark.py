@@ -47,7 +47,7 @@ def test_functional_run_is_labelled_and_complete(functional_run):
         assert r["dtype"] == "float32" and r["model"] == "tiny" and r["tp"] == 4
         assert r["steps_timed"] == r["gen_len"] - 1 and r["deterministic"]
         assert r["e2e_ms"] > 0 and r["step_median_ms"] > 0 and r["ttft_ms"] > 0
-        assert 0 < r["host_step_ms"] < r["e2e_ms"]  # one step's dispatch, within the generation
+        assert 0 < r["host_step_ms"] < r["e2e_ms"]  # present, finite, within the generation
         assert r["hbm_gbps"] > 0 and r["roofline_pct"] > 0
         if r["backend"] == "reference":
             assert r["step_speedup"] > 0 and "ar_share_step_pct" in r

@@ -111,6 +111,9 @@ def test_decode_step_compiles_once_and_donates_cache():
     nxt, cache = gen.decode_step(gen.params, cache, nxt, key)
     assert old.is_deleted(), "decode_step must donate the cache"
     assert int(cache.pos) == 4
+    out, dispatch, cache = gen.decode(nxt, cache, key, 3)  # pipelined: the host's time per step
+    assert len(out) == 4 and len(dispatch) == 3 and all(t > 0 for t in dispatch)
+    assert int(cache.pos) == 7
 
 
 def test_max_len_too_short():
