@@ -314,6 +314,14 @@ def test_step_costs_functional_run(tmp_path):
     assert "| 4096 | xla fused |" in proc.stdout
 
 
+def test_step_costs_second_run_keeps_the_later_run():
+    import step_costs
+    # Two runs of three ops each, the trace's events out of order.
+    first = [("a", 1.0, 100), ("b", 1.0, 200), ("c", 1.0, 300)]
+    second = [("a", 1.0, 5100), ("b", 1.0, 5200), ("c", 1.0, 5300)]
+    assert step_costs.second_run([second[2], first[1], second[0], first[0], second[1], first[2]]) == second
+
+
 # --------------------------------------------------------------------------
 # step_profile.py
 # --------------------------------------------------------------------------
