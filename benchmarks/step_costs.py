@@ -151,7 +151,7 @@ def main(argv=None) -> int:
             times, _ = H.time_runs(compiled, (x,), warmup=3, repeats=args.repeats)
             row = {"size": size, "chain": name, "wall_us": float(np.median(times)) / args.calls * 1e6}
             if args.trace:
-                events, _ = traced(lambda: [compiled(x).block_until_ready() for _ in range(2)])
+                events, _, _ = traced(lambda: [compiled(x).block_until_ready() for _ in range(2)])
                 row.update(device_split(second_run(events), args.calls))
             rows.append(row)
             if jax.process_index() == 0:

@@ -49,6 +49,7 @@ import argparse
 import collections
 import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -82,15 +83,12 @@ def category(name: str) -> str:
     return "other"
 
 
-def op_events(path: str) -> list[tuple[str, float, int]]:
-    """(name, duration in us, start in ns) of every op the device of this trace ran: the
-    GPU plane's kernels (its "Stream" lines: kernel names tell cuBLAS, NCCL,
-    the NVRAR kernel and XLA's fusions apart, where the op line names every
-    library call "custom-call"), else its "XLA Ops" line; without a GPU
-    plane, the host events that carry an ``hlo_op``."""
-    from jax.profiler import ProfileData
-
-    data = ProfileData.from_file(path)
+def op_events(data) -> list[tuple[str, float, int]]:
+    """(name, duration in us, start in ns) of every op the device of the trace ``data`` (a
+    ``jax.profiler.ProfileData``) ran: the GPU plane's kernels (its "Stream" lines: kernel names
+    tell cuBLAS, NCCL, the NVRAR kernel and XLA's fusions apart, where the op line names every
+    library call "custom-call"), else its "XLA Ops" line; without a GPU plane, the host events
+    that carry an ``hlo_op``."""
     gpus = [p for p in data.planes if p.name.startswith("/device:GPU")]
     if gpus:  # one GPU per process: the plane with events is this process's
         lines = list(max(gpus, key=lambda p: sum(1 for line in p.lines for _ in line.events)).lines)
@@ -105,6 +103,35 @@ def op_events(path: str) -> list[tuple[str, float, int]]:
                 if "hlo_op" in stats and "hlo_module" in stats:
                     events.append((str(stats["hlo_op"]), e.duration_ns / 1e3, e.start_ns))
     return events
+
+
+def host_spans(data) -> list[tuple[str, str, float]]:
+    """(thread, span name, duration in us) of every span on the host threads of the trace ``data``:
+    the Python thread that dispatches, and XLA's threads. A thread's numeric id and a span's
+    metadata (after its first ``#``) are dropped, so that alike spans group; the profiler's own
+    start and stop are left out."""
+    spans = []
+    for plane in data.planes:
+        if not plane.name.startswith("/host:CPU"):
+            continue
+        for line in plane.lines:
+            thread = re.sub(r"/-?\d+$", "", line.name)
+            for e in line.events:
+                name = e.name.split("#", 1)[0]
+                if "profiler.py" not in name:
+                    spans.append((thread, name, e.duration_ns / 1e3))
+    return spans
+
+
+def summarize_host(spans, steps: int, top: int = 20) -> list[dict]:
+    """The ``top`` (thread, span) pairs by time per step."""
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for thread, name, us in spans:
+        per[thread, name][0] += 1
+        per[thread, name][1] += us
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"thread": thread, "span": name, "count_per_step": n / steps, "us_per_step": us / steps}
+            for (thread, name), (n, us) in ranked]
 
 
 def summarize(events, steps: int, wall_us: float) -> dict:
@@ -169,11 +196,12 @@ def collectives_across_ranks(events, steps: int) -> dict:
     return out
 
 
-def traced(run) -> tuple[list, float]:
-    """Runs ``run()`` under the profiler: (``op_events`` of this process's trace, wall time in us).
-    Every process calls it; a failed trace read anywhere fails everywhere, before any later gather
-    could wait for the failed process."""
+def traced(run) -> tuple[list, float, list]:
+    """Runs ``run()`` under the profiler: (``op_events`` of this process's trace, wall time in us,
+    ``host_spans``). Every process calls it; a failed trace read anywhere fails everywhere, before
+    any later gather could wait for the failed process."""
     import jax
+    from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
@@ -185,14 +213,15 @@ def traced(run) -> tuple[list, float]:
         try:
             if not paths:
                 raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
-            events, problem = op_events(paths[0]), ""
+            data = ProfileData.from_file(paths[0])
+            events, spans, problem = op_events(data), host_spans(data), ""
         except Exception as exc:  # agreed below, so that no process waits in a gather for this one
-            events, problem = [], f"{type(exc).__name__}: {exc}"
+            events, spans, problem = [], [], f"{type(exc).__name__}: {exc}"
     failed = [i for i, bad in enumerate(H.gather_rows([float(bool(problem))])[:, 0]) if bad]
     if failed:
         raise RuntimeError(f"reading the trace failed on process(es) {failed}"
                            + (f"; here: {problem}" if problem else ""))
-    return events, wall_us
+    return events, wall_us, spans
 
 
 def profile_steps(gen, cfg, args) -> tuple[dict, int]:
@@ -215,11 +244,12 @@ def profile_steps(gen, cfg, args) -> tuple[dict, int]:
         out_, _, cache_ = gen.decode(out[-1], cache, key, args.steps)
         jax.block_until_ready((out_[-1], cache_))
 
-    events, wall_us = traced(run)
+    events, wall_us, spans = traced(run)
     collectives = collectives_across_ranks(events, args.steps)  # every process takes part
     if jax.process_index() != 0:
         return {}, read
-    return dict(summarize(events, args.steps, wall_us), collectives=collectives), read
+    return dict(summarize(events, args.steps, wall_us), collectives=collectives,
+                host=summarize_host(spans, args.steps)), read
 
 
 def _collectives_report(collectives: dict) -> list[str]:
@@ -257,6 +287,12 @@ def report(payload: dict) -> str:
         *_collectives_report(p.get("collectives", {})),
         "## Largest ops", "", H.markdown_table(p["top_ops"], [
             ("op", "op", "s"), ("category", "category", "s"), ("count_per_step", "per step", ".1f"),
+            ("us_per_step", "us per step", ".1f")]), "",
+        "## Host: largest spans", "",
+        "Process 0's host threads during the profiled steps: the Python thread dispatches the steps, "
+        "the others are XLA's. Spans nest: a span's time includes the spans it calls.", "",
+        H.markdown_table(p.get("host", []), [
+            ("thread", "thread", "s"), ("span", "span", "s"), ("count_per_step", "per step", ".1f"),
             ("us_per_step", "us per step", ".1f")]), "",
         "Gaps are the wall time in which the device ran no op of the program (launch and graph-node "
         "overhead between ops, host round trips); op times on several streams would overlap and "

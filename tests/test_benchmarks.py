@@ -370,4 +370,9 @@ def test_step_profile_functional_run(tmp_path):
     assert allreduce["calls_per_step"] == rows["all-reduce"]["ops_per_step"]
     assert allreduce["own_us_per_step"] == pytest.approx(rows["all-reduce"]["us_per_step"], rel=1e-3)
     assert allreduce["waiting_us_per_step"] == pytest.approx(0, abs=1e-3)
-    assert "# Decode step profile: tiny" in (tmp_path / "p.md").read_text()
+    # The host side: the Python thread's dispatch of the jitted step, among the largest spans.
+    spans = {(h["thread"], h["span"]) for h in payload["host"]}
+    assert any(thread == "python" and span.startswith("PjitFunction") for thread, span in spans), spans
+    assert not any("profiler.py" in span for _, span in spans)
+    report = (tmp_path / "p.md").read_text()
+    assert "# Decode step profile: tiny" in report and "## Host: largest spans" in report
