@@ -38,8 +38,12 @@ kernel over the processes (the rank that arrived last) bounds its own cost
 from below and the rest is waiting for other ranks. Reported per step for
 the all-reduces and the other collectives.
 
+The host, from process 0's trace: the largest spans per step on its host
+threads (the Python thread that dispatches the steps and XLA's threads;
+spans nest), to tell where the host's time per step goes.
+
 Outputs (``--out-dir``, default benchmarks/results/): PREFIX.json (rows,
-the top ops, command, devices) and PREFIX.md (also on stdout). PREFIX
+the top ops, the host spans, command, devices) and PREFIX.md (also on stdout). PREFIX
 defaults to ``step_profile_MODEL_tpN_bB_ALLREDUCE``.
 """
 
