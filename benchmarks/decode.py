@@ -1,5 +1,5 @@
 """Decode benchmark: end-to-end batch latency of tensor-parallel Llama decoding
-with jax_nvrar.psum against XLA's psum (issue 7).
+with jax_nvrar.psum against XLA's psum.
 
     python benchmarks/decode.py                 # GPUs: the --quick preset
     python benchmarks/decode.py --full          # the whole sweep (hours; split it)

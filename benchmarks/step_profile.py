@@ -1,5 +1,5 @@
 """Where a decode step's time goes: a device profile of jitted decode steps,
-summed by kind of work (issue 7: which part of the step keeps it from the
+summed by kind of work (which part of the step keeps it from the
 weight-read roofline).
 
     python -m jax_nvrar.launch --nproc-per-node 4 benchmarks/step_profile.py \\
