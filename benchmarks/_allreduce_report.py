@@ -86,7 +86,8 @@ def report(payload: dict) -> str:
         lines.append(f"- link bandwidth, {link['nproc']} {'devices' if functional else 'GPUs'}:"
                      f" {link['gbps']:.1f} GB/s per device ({link['method']}); "
                      "'busbw % of link' compares with it")
-    if payload.get("link"):
+    lines += H.xla_flags_lines(payload.get("devices", {}))
+    if lines[-1]:
         lines.append("")
     ok = [r for r in payload["results"] if r["status"] == "ok"]
     for dtype in sorted({r["dtype"] for r in ok}):

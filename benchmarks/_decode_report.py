@@ -208,6 +208,7 @@ def report(payload: dict) -> str:
     for c in payload["copy"]:
         lines.append(f"- copy bandwidth, TP={c['tp']} group: {c['copy_gbps']:.0f} GB/s per "
                      f"device ({c['method']})")
+    lines += H.xla_flags_lines(payload.get("devices", {}))
     lines.append("")
     ok = [r for r in payload["results"] if r["status"] == "ok" and r["role"] == "main"]
     sections = collections.defaultdict(list)

@@ -558,6 +558,15 @@ def fmt_value(value, spec: str = "") -> str:
     return format(value, spec)
 
 
+def xla_flags_lines(devices: dict) -> list[str]:
+    """The report's line naming the workers' XLA_FLAGS (the launcher adds to them on GPU, and
+    XLA's command-buffer update mode changes every backend's time), one per distinct value."""
+    infos = [info.get("device", info) for info in devices.values()]  # allreduce nests it
+    flags = sorted({info.get("xla_flags", "") for info in infos if info.get("backend") == "gpu"})
+    return [f"- XLA_FLAGS of the worker processes: `{value}`" if value
+            else "- XLA_FLAGS of the worker processes: none" for value in flags]
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     """``columns``: (key, header, format spec or callable). Missing -> '-'."""
     header = "| " + " | ".join(c[1] for c in columns) + " |"

@@ -22,6 +22,15 @@ Environment of each child (the launcher's own environment is passed through):
   JAX_NVRAR_PLATFORM          cpu or gpu
   NVSHMEM_DISABLE_NVLS=1, NCCL_NVLS_ENABLE=0
                               NVLink multicast stays off, unless the user set these variables.
+  XLA_FLAGS                   on GPU with jaxlib >= 0.11.2, --xla_gpu_command_buffer_update_mode=
+                              SKIP_TEMP is appended unless XLA_FLAGS names that flag. XLA then keeps
+                              the temporary buffers of a command buffer at fixed addresses (it maps
+                              them through its VMM allocator, for the whole process), so a jitted
+                              step whose inputs or outputs move re-records only the commands that
+                              touch them. By default it re-records every command when the temporary
+                              buffer moves: all 601 of a Llama 8B decode step, 2.8-4.8 ms of the
+                              host's time per step on 4xH100. Pass
+                              --xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE to keep XLA's way.
   JAX_PLATFORMS=cpu           on the cpu platform, unless set.
   PYTHONUNBUFFERED=1          when output passes through the launcher, unless set, so that lines
                               appear as they are printed rather than when a buffer fills.
@@ -53,6 +62,7 @@ import sys
 import threading
 import time
 import traceback
+from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
@@ -61,6 +71,9 @@ __all__ = ["DistributedConfig", "initialize_distributed", "main", "visible_gpu_c
 _WORKER_FLAG = "--_worker"
 _PLATFORMS = ("auto", "cpu", "gpu")
 _NVLS_DEFAULTS = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0"}
+_UPDATE_MODE_FLAG = "--xla_gpu_command_buffer_update_mode"
+_UPDATE_MODE = "SKIP_TEMP"
+_UPDATE_MODE_JAXLIB = (0, 11, 2)  # the first jaxlib it was measured with; older ones may reject it
 _PR_SET_PDEATHSIG = 1
 
 
@@ -366,6 +379,23 @@ def _job_from_args(argv: list[str]) -> _Job:
                 args.log_dir, args.grace_period)
 
 
+def _jaxlib_version() -> tuple[int, ...]:
+    try:
+        release = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return ()
+    return tuple(int(part) for part in release.split(".")[:3] if part.isdigit())
+
+
+def _xla_flags(platform: str, xla_flags: str) -> str:
+    """``xla_flags`` with XLA's command-buffer update mode set to SKIP_TEMP on GPU, unless it
+    already names the mode (see the module docstring)."""
+    if (platform != "gpu" or _UPDATE_MODE_FLAG in xla_flags
+            or _jaxlib_version() < _UPDATE_MODE_JAXLIB):
+        return xla_flags
+    return f"{xla_flags} {_UPDATE_MODE_FLAG}={_UPDATE_MODE}".strip()
+
+
 def _child_environ(job: _Job, local_rank: int) -> dict[str, str]:
     env = dict(os.environ)
     config = DistributedConfig(
@@ -378,6 +408,9 @@ def _child_environ(job: _Job, local_rank: int) -> dict[str, str]:
         env.setdefault(name, value)
     if job.platform == "cpu":
         env.setdefault("JAX_PLATFORMS", "cpu")
+    xla_flags = _xla_flags(job.platform, env.get("XLA_FLAGS", ""))
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
     if job.prefix or job.log_dir:
         env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("PYTHONFAULTHANDLER", "1")
@@ -520,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     total = job.nnodes * job.nproc_per_node
     _log(f"starting {job.nproc_per_node} process(es) on node {job.node_rank} of {job.nnodes} "
          f"({total} in all, platform {job.platform}, coordinator {job.coordinator})")
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if _xla_flags(job.platform, xla_flags) != xla_flags:
+        _log(f"XLA_FLAGS += {_UPDATE_MODE_FLAG}={_UPDATE_MODE} (command buffers keep their "
+             f"temporaries at fixed addresses; name the flag in XLA_FLAGS to choose otherwise)")
     group = _Group(job)
     group.start()
     return group.wait()

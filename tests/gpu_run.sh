@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU suite as run on the 4xH100 machine: build, then the suite in each
-# configuration given (default: 4 processes with XLA's default command
-# buffers, 4 with command buffers off, 3 processes -- a non-power-of-two node
-# count as 3x1 -- and 2 processes), logs under ${OUT:-tests/gpu_logs}. Suite
-# options go in GPU_SUITE_ARGS.
+# configuration given (default: 4 processes with command buffers as the
+# launcher sets them up, 4 with XLA's own command-buffer update mode
+# (ALWAYS_UPDATE), 4 with command buffers off, 3 processes -- a
+# non-power-of-two node count as 3x1 -- and 2 processes), logs under
+# ${OUT:-tests/gpu_logs}. Suite options go in GPU_SUITE_ARGS.
 #   GPU_SUITE_ARGS="--quick --calls 1000" bash tests/gpu_run.sh "4 off" "2 on"
 set -uo pipefail
 out=${OUT:-tests/gpu_logs}
@@ -13,10 +14,11 @@ export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0
 python -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
 status=0
-[ $# -gt 0 ] || set -- "4 on" "4 off" "3 on" "2 on"
+[ $# -gt 0 ] || set -- "4 on" "4 always" "4 off" "3 on" "2 on"
 for config in "$@"; do
   read -r nproc cb <<<"$config"
-  flags=""  # XLA's defaults record the kernel into command buffers
+  flags=""  # command buffers record the kernel; the launcher picks the update mode
+  [ "$cb" = always ] && flags="--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"
   [ "$cb" = off ] && flags="--xla_gpu_enable_command_buffer="
   log="$out/gpu_suite_${nproc}proc_cb${cb}.log"
   echo "=== $nproc processes, command buffers $cb ==="

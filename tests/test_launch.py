@@ -257,3 +257,22 @@ def test_settings_are_compared_through_the_real_store(tmp_path, differ):
             assert line.startswith("jax_nvrar: processes disagree about JAX_NVRAR_ALGO: "), line
         else:
             assert line == "ok"
+
+
+@pytest.mark.parametrize("platform, jaxlib, given, expected", [
+    ("gpu", (0, 11, 2), "", "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
+    ("gpu", (0, 12, 0), "--xla_dump_to=/tmp/d",
+     "--xla_dump_to=/tmp/d --xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
+    # The user's choice stands; older jaxlibs, which may reject the flag, and CPUs get none.
+    ("gpu", (0, 11, 2), "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE",
+     "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"),
+    ("gpu", (0, 10, 2), "", ""),
+    ("gpu", (), "", ""),
+    ("cpu", (0, 11, 2), "", ""),
+])
+def test_command_buffer_update_mode(monkeypatch, platform, jaxlib, given, expected):
+    monkeypatch.setattr(launch, "_jaxlib_version", lambda: jaxlib)
+    monkeypatch.setenv("XLA_FLAGS", given)
+    job = launch._Job(nproc_per_node=1, nnodes=1, node_rank=0, coordinator="127.0.0.1:1",
+                      platform=platform, command=[], prefix=True, log_dir=None, grace_period=0.0)
+    assert launch._child_environ(job, 0)["XLA_FLAGS"] == expected
