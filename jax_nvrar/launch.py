@@ -46,6 +46,7 @@ subprocesses are stopped with it, and is killed by the kernel if the launcher it
 
 For processes started by something else (SLURM, mpirun), call ``initialize_distributed()`` at the top
 of the program: it reads the variables above, or SLURM_* / OMPI_COMM_WORLD_* when they are absent.
+It leaves XLA_FLAGS alone: put the command-buffer update mode in the job's XLA_FLAGS.
 """
 
 from __future__ import annotations
