@@ -170,6 +170,17 @@ def test_harness_units():
         H.parse_sizes("4Q")
 
 
+def test_reports_name_the_workers_xla_flags():
+    # decode.py keeps each group's device info flat, allreduce.py under "device"; CPU runs say none.
+    mode = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    devices = {"tp4": {"backend": "gpu", "xla_flags": mode},
+               "2:default": {"device": {"backend": "gpu", "xla_flags": ""}},
+               "cpu": {"backend": "cpu", "xla_flags": "--other"}}
+    assert H.xla_flags_lines(devices) == ["- XLA_FLAGS of the worker processes: none",
+                                          f"- XLA_FLAGS of the worker processes: `{mode}`"]
+    assert H.xla_flags_lines({}) == []
+
+
 # --------------------------------------------------------------------------
 # cost_model.py
 # --------------------------------------------------------------------------
