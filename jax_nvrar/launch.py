@@ -23,14 +23,16 @@ Environment of each child (the launcher's own environment is passed through):
   NVSHMEM_DISABLE_NVLS=1, NCCL_NVLS_ENABLE=0
                               NVLink multicast stays off, unless the user set these variables.
   XLA_FLAGS                   on GPU with jaxlib >= 0.11.2, --xla_gpu_command_buffer_update_mode=
-                              SKIP_TEMP is appended unless XLA_FLAGS names that flag. XLA then keeps
-                              the temporary buffers of a command buffer at fixed addresses (it maps
-                              them through its VMM allocator, for the whole process), so a jitted
-                              step whose inputs or outputs move re-records only the commands that
-                              touch them. By default it re-records every command when the temporary
-                              buffer moves: all 601 of a Llama 8B decode step, 2.8-4.8 ms of the
-                              host's time per step on 4xH100. Pass
-                              --xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE to keep XLA's way.
+                              SKIP_TEMP is appended unless XLA_FLAGS names that flag or turns command
+                              buffers off (--xla_gpu_enable_command_buffer=). Under XLA's default
+                              (ALWAYS_UPDATE) a Llama 8B decode step re-recorded all 601 of its
+                              commands at every step, 2.8-4.8 ms of the host's time on 4xH100 (one
+                              logged run). With SKIP_TEMP XLA maps the temporary buffers of command
+                              buffers at fixed addresses, which takes its VMM allocator for the
+                              whole process (XLA logs "Overriding allocator kind to kVmm"). The one
+                              cost measured so far: a 256 MiB lax.ppermute ring shift 15% slower on
+                              one machine (README).
+                              Name the flag (=ALWAYS_UPDATE is XLA's default) to choose otherwise.
   JAX_PLATFORMS=cpu           on the cpu platform, unless set.
   PYTHONUNBUFFERED=1          when output passes through the launcher, unless set, so that lines
                               appear as they are printed rather than when a buffer fills.
@@ -55,6 +57,7 @@ import argparse
 import ctypes
 import dataclasses
 import os
+import re
 import runpy
 import signal
 import socket
@@ -74,7 +77,8 @@ _PLATFORMS = ("auto", "cpu", "gpu")
 _NVLS_DEFAULTS = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0"}
 _UPDATE_MODE_FLAG = "--xla_gpu_command_buffer_update_mode"
 _UPDATE_MODE = "SKIP_TEMP"
-_UPDATE_MODE_JAXLIB = (0, 11, 2)  # the first jaxlib it was measured with; older ones may reject it
+_UPDATE_MODE_JAXLIB = (0, 11, 2, 1)  # the first jaxlib release measured with it; older ones may
+                                     # reject the flag, and XLA aborts on an unknown flag
 _PR_SET_PDEATHSIG = 1
 
 
@@ -380,19 +384,34 @@ def _job_from_args(argv: list[str]) -> _Job:
                 args.log_dir, args.grace_period)
 
 
-def _jaxlib_version() -> tuple[int, ...]:
+def _jaxlib_version() -> str:
     try:
-        release = metadata.version("jaxlib")
+        return metadata.version("jaxlib")
     except metadata.PackageNotFoundError:
+        return ""
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch, 1) for a release or post-release, (major, minor, patch, 0) for a
+    pre-release of it (dev, a, b, rc), () if unreadable; a local part (+cuda13) is ignored."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)([^+]*)", version)
+    if match is None:
         return ()
-    return tuple(int(part) for part in release.split(".")[:3] if part.isdigit())
+    pre = re.match(r"\.?-?(dev|a|b|rc)", match.group(4)) is not None
+    return (*map(int, match.groups()[:3]), 0 if pre else 1)
+
+
+def _names_flag(xla_flags: str, name: str) -> bool:
+    return re.search(rf"(^|\s){re.escape(name)}(=|\s|$)", xla_flags) is not None
 
 
 def _xla_flags(platform: str, xla_flags: str) -> str:
     """``xla_flags`` with XLA's command-buffer update mode set to SKIP_TEMP on GPU, unless it
-    already names the mode (see the module docstring)."""
-    if (platform != "gpu" or _UPDATE_MODE_FLAG in xla_flags
-            or _jaxlib_version() < _UPDATE_MODE_JAXLIB):
+    already names the mode or turns command buffers off (the mode would then only change the
+    allocator; see the module docstring)."""
+    if (platform != "gpu" or _names_flag(xla_flags, _UPDATE_MODE_FLAG)
+            or re.search(r"(^|\s)--xla_gpu_enable_command_buffer=(''|\"\")?(\s|$)", xla_flags)
+            or _release(_jaxlib_version()) < _UPDATE_MODE_JAXLIB):
         return xla_flags
     return f"{xla_flags} {_UPDATE_MODE_FLAG}={_UPDATE_MODE}".strip()
 

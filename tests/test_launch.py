@@ -259,16 +259,25 @@ def test_settings_are_compared_through_the_real_store(tmp_path, differ):
             assert line == "ok"
 
 
+MODE = "--xla_gpu_command_buffer_update_mode"
+
+
 @pytest.mark.parametrize("platform, jaxlib, given, expected", [
-    ("gpu", (0, 11, 2), "", "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
-    ("gpu", (0, 12, 0), "--xla_dump_to=/tmp/d",
-     "--xla_dump_to=/tmp/d --xla_gpu_command_buffer_update_mode=SKIP_TEMP"),
-    # The user's choice stands; older jaxlibs, which may reject the flag, and CPUs get none.
-    ("gpu", (0, 11, 2), "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE",
-     "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"),
-    ("gpu", (0, 10, 2), "", ""),
-    ("gpu", (), "", ""),
-    ("cpu", (0, 11, 2), "", ""),
+    ("gpu", "0.11.2", "", f"{MODE}=SKIP_TEMP"),
+    ("gpu", "0.12.0+cuda13", "--xla_dump_to=/tmp/d", f"--xla_dump_to=/tmp/d {MODE}=SKIP_TEMP"),
+    # The user's choice stands, and only the flag itself counts as naming it.
+    ("gpu", "0.11.2", f"{MODE}=ALWAYS_UPDATE", f"{MODE}=ALWAYS_UPDATE"),
+    ("gpu", "0.11.2", f"--xla_dump_to=/d/{MODE}", f"--xla_dump_to=/d/{MODE} {MODE}=SKIP_TEMP"),
+    # Command buffers off: the mode would only swap the allocator.
+    ("gpu", "0.11.2", "--xla_gpu_enable_command_buffer=", "--xla_gpu_enable_command_buffer="),
+    ("gpu", "0.11.2", "--xla_gpu_enable_command_buffer=FUSION",
+     f"--xla_gpu_enable_command_buffer=FUSION {MODE}=SKIP_TEMP"),
+    # Older jaxlibs (and pre-releases of 0.11.2), which may reject the flag, and CPUs get none.
+    ("gpu", "0.10.2", "", ""),
+    ("gpu", "0.11.2.dev20260101", "", ""),
+    ("gpu", "0.11.2rc1", "", ""),
+    ("gpu", "", "", ""),
+    ("cpu", "0.11.2", "", ""),
 ])
 def test_command_buffer_update_mode(monkeypatch, platform, jaxlib, given, expected):
     monkeypatch.setattr(launch, "_jaxlib_version", lambda: jaxlib)
@@ -276,3 +285,10 @@ def test_command_buffer_update_mode(monkeypatch, platform, jaxlib, given, expect
     job = launch._Job(nproc_per_node=1, nnodes=1, node_rank=0, coordinator="127.0.0.1:1",
                       platform=platform, command=[], prefix=True, log_dir=None, grace_period=0.0)
     assert launch._child_environ(job, 0)["XLA_FLAGS"] == expected
+
+
+def test_release_order():
+    assert launch._release("0.11.2") == (0, 11, 2, 1) == launch._release("0.11.2+cuda13")
+    assert launch._release("0.11.2.post1") == (0, 11, 2, 1)
+    assert launch._release("0.11.2rc1") < launch._release("0.11.2") < launch._release("0.11.3.dev1")
+    assert launch._release("unknown") == ()
