@@ -145,8 +145,10 @@ def group_series(kind: str, layouts, backends, algos) -> list[Series]:
                 series.append(Series("reference", layout))
             if "nvshmem" in backends:
                 # JAX_NVRAR_ALGO picks the single-node kernel; hierarchical
-                # layouts always run the NVRAR path, so one series there.
-                for algo in (algos if single else ("auto",)):
+                # layouts always run the NVRAR path, so of the variants only
+                # "auto" and its block counts ("auto/8") apply there.
+                hierarchical = [a for a in algos if _tuning.split(a)[0] == "auto"]
+                for algo in (algos if single else hierarchical or ("auto",)):
                     series.append(Series("nvshmem", layout, algo))
             if "auto" in backends:  # what jax_nvrar.psum's default does
                 series.append(Series("auto", layout))

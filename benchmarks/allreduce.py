@@ -348,7 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--algos", default=",".join(ALGOS),
                    help="JAX_NVRAR_ALGO values run on single-node layouts, "
-                        "each optionally as ALGO/BLOCKS (JAX_NVRAR_BLOCKS)")
+                        "each optionally as ALGO/BLOCKS (JAX_NVRAR_BLOCKS); "
+                        "multi-node layouts run auto and its ALGO/BLOCKS")
     p.add_argument("--layouts", default=None,
                    help=f"NODESxGPUS list (default GPU: 1x2 and every layout "
                         f"of all GPUs, {GPU_LAYOUTS} on 4; CPU {CPU_LAYOUTS})")

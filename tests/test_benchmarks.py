@@ -153,6 +153,10 @@ def test_series_per_group():
     assert len(variants) == 6
     assert [s.label for s in cases.group_series(
         "xla_ck", layouts, set(cases.BACKENDS), cases.ALGOS)] == ["xla_ck"]
+    # Block counts of "auto" also reach the hierarchical layouts; other variants do not.
+    labels = [(s.label, s.layout.name) for s in cases.group_series(
+        "default", layouts[1:], {"nvshmem"}, ("oneshot", "auto", "auto/8"))]
+    assert labels == [("nvshmem", "2x2"), ("nvshmem:auto/8", "2x2")]
     with pytest.raises(ValueError):
         cases.Layout.parse("1x1")
 
