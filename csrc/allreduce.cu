@@ -236,10 +236,12 @@ __device__ __forceinline__ V spin(V v, Load load, Done done, const Params& p,
   return v;
 }
 
-__device__ __forceinline__ uint2 wait_line(const uint4* src, uint32_t seq,
-                                           const Params& p, Phase phase,
-                                           int64_t index) {
-  const uint4 first = load_line(src);
+// Waits until the LL line at src carries seq, starting from `first`, the
+// value already loaded from it, and returns its data. Callers load several
+// lines before waiting on any, so that their loads are in flight together.
+__device__ __forceinline__ uint2 wait_line(const uint4* src, uint4 first,
+                                           uint32_t seq, const Params& p,
+                                           Phase phase, int64_t index) {
   if (p.fault & kSkipLocalWaits) return make_uint2(first.x, first.z);
   const uint4 v = spin(first, [&] { return load_line(src); },
                        [&](uint4 v) { return v.y == seq && v.w == seq; }, p,
@@ -459,10 +461,17 @@ template <typename T>
 __device__ __forceinline__ uint2 reduce_lines(const uint4* src, int64_t stride,
                                               uint32_t seq, const Params& p,
                                               Phase phase, int64_t index) {
+  uint4 first[kMaxLocal];
+#pragma unroll
+  for (int s = 0; s < kMaxLocal; ++s)
+    if (s < p.node_size) first[s] = load_line(src + s * stride);
   float acc[Lanes<T>::n], f[Lanes<T>::n];
-  Lanes<T>::unpack(wait_line(src, seq, p, phase, index), acc);
-  for (int s = 1; s < p.node_size; ++s) {
-    Lanes<T>::unpack(wait_line(src + s * stride, seq, p, phase, index), f);
+  Lanes<T>::unpack(wait_line(src, first[0], seq, p, phase, index), acc);
+#pragma unroll
+  for (int s = 1; s < kMaxLocal; ++s) {
+    if (s >= p.node_size) break;
+    Lanes<T>::unpack(
+        wait_line(src + s * stride, first[s], seq, p, phase, index), f);
 #pragma unroll
     for (int k = 0; k < Lanes<T>::n; ++k) acc[k] += f[k];
   }
@@ -563,18 +572,45 @@ __device__ __forceinline__ void store_vec_remote(uint4* dst, uint4 v) {
                : "memory");
 }
 
-// Waits until the vector at src is filled, empties it, returns it. With the
-// fault switch the value is taken without waiting (it must then be wrong);
-// the real wait and emptying still happen so later calls stay clean.
-__device__ __forceinline__ uint4 take_vec(uint4* src, const Params& p,
-                                          Phase phase, uint32_t seq,
-                                          int64_t index) {
-  const uint4 early = load_line(src);
+// Waits until the vector at src is filled, starting from `early`, the value
+// already loaded from it; empties it and returns it. With the fault switch
+// the early value is taken (it must then be wrong); the real wait and
+// emptying still happen so later calls stay clean. Callers load several
+// vectors before taking any, so that their loads are in flight together.
+__device__ __forceinline__ uint4 take_vec(uint4* src, uint4 early,
+                                          const Params& p, Phase phase,
+                                          uint32_t seq, int64_t index) {
   const uint4 v = spin(early, [&] { return load_line(src); }, filled, p,
                        phase, seq, index);
   *src = make_uint4(kEmpty, kEmpty, kEmpty, kEmpty);
   return (p.fault & kSkipLocalWaits) ? early : v;
 }
+
+// Sum in local-rank order of `own` (source me) and the G - 1 vectors that
+// the peers store at slots[s * stride], each taken (waited for, emptied).
+template <typename T>
+__device__ __forceinline__ uint4 take_sum(uint4* slots, int64_t stride,
+                                          uint4 own, const Params& p,
+                                          Phase phase, uint32_t seq,
+                                          int64_t index) {
+  const int G = p.node_size, me = p.local_rank;
+  uint4 early[kMaxLocal];
+#pragma unroll
+  for (int s = 0; s < kMaxLocal; ++s)
+    if (s < G && s != me) early[s] = load_line(slots + s * stride);
+  VecSum<T> acc;
+#pragma unroll
+  for (int s = 0; s < kMaxLocal; ++s) {
+    if (s >= G) break;
+    const uint4 v = s == me ? own
+                            : take_vec(slots + s * stride, early[s], p, phase,
+                                       seq, index);
+    if (s == 0) acc.set(v); else acc.add(v);
+  }
+  return acc.get();
+}
+
+constexpr int kTakeBatch = 4;  // all-gather vectors a thread loads at once
 
 // Purpose: one-shot all-reduce on Lamport lines: each PE stores its whole
 // (scrubbed) input into every peer's region, slot `me`; each PE sums the G
@@ -596,16 +632,9 @@ __device__ void oneshot_lamport(const Params& p, uint32_t seq, int parity) {
     }
   }
   uint4* mine = p.lp[me] + base;
-  for (int64_t i = tid; i < V; i += nthreads) {
-    VecSum<T> acc;
-    for (int s = 0; s < G; ++s) {
-      const uint4 v = s == me ? scrub(load_vec(p, i))
-                              : take_vec(mine + s * V + i, p, kOneShotPhase,
-                                         seq, i);
-      if (s == 0) acc.set(v); else acc.add(v);
-    }
-    store_vec(p, i, acc.get());
-  }
+  for (int64_t i = tid; i < V; i += nthreads)
+    store_vec(p, i, take_sum<T>(mine + i, V, scrub(load_vec(p, i)), p,
+                                kOneShotPhase, seq, i));
 }
 
 // Purpose: two-shot all-reduce on Lamport lines: reduce-scatter (chunk j of
@@ -630,21 +659,28 @@ __device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
   uint4* mine = p.lp[me];
   const int64_t own = imin(C, V - me * C);
   for (int64_t t = tid; t < own; t += nthreads) {
-    VecSum<T> acc;
-    for (int s = 0; s < G; ++s) {
-      const uint4 v = s == me ? scrub(load_vec(p, me * C + t))
-                              : take_vec(mine + base + s * C + t, p,
-                                         kReduceScatter, seq, t);
-      if (s == 0) acc.set(v); else acc.add(v);
-    }
-    const uint4 r = scrub(acc.get());
+    const uint4 r = scrub(take_sum<T>(mine + base + t, C,
+                                      scrub(load_vec(p, me * C + t)), p,
+                                      kReduceScatter, seq, t));
     for (int k = 1; k < G; ++k)
       store_vec_remote(p.lp[(me + k) % G] + gather + me * C + t, r);
     store_vec(p, me * C + t, r);
   }
-  for (int64_t i = tid; i < V; i += nthreads)
-    if (i / C != me)
-      store_vec(p, i, take_vec(mine + gather + i, p, kAllGather, seq, i));
+  auto gathered = [&](int64_t i) { return i < V && i / C != me; };
+  for (int64_t i0 = tid; i0 < V; i0 += kTakeBatch * nthreads) {
+    uint4 early[kTakeBatch];
+#pragma unroll
+    for (int u = 0; u < kTakeBatch; ++u)
+      if (gathered(i0 + u * nthreads))
+        early[u] = load_line(mine + gather + i0 + u * nthreads);
+#pragma unroll
+    for (int u = 0; u < kTakeBatch; ++u) {
+      const int64_t i = i0 + u * nthreads;
+      if (gathered(i))
+        store_vec(p, i, take_vec(mine + gather + i, early[u], p, kAllGather,
+                                 seq, i));
+    }
+  }
 }
 
 // Inter-node phase for this block's slice [lo, hi) of the chunk, whose
@@ -760,10 +796,17 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
                                                 kReduceScatter, i);
       for (int j = 0; j < G; ++j) store_line(p.ll_b[j] + base + me * C + i, v, seq);
     }
-    for (int64_t i = tid; i < P; i += nthreads) {
-      const int64_t j = i / C;
-      store_packet(p, i, wait_line(my_b + j * C + (i - j * C), seq, p,
-                                   kAllGather, i));
+    for (int64_t i0 = tid; i0 < P; i0 += kTakeBatch * nthreads) {
+      uint4 first[kTakeBatch];
+#pragma unroll
+      for (int u = 0; u < kTakeBatch; ++u)
+        if (i0 + u * nthreads < P) first[u] = load_line(my_b + i0 + u * nthreads);
+#pragma unroll
+      for (int u = 0; u < kTakeBatch; ++u) {
+        const int64_t i = i0 + u * nthreads;
+        if (i < P)
+          store_packet(p, i, wait_line(my_b + i, first[u], seq, p, kAllGather, i));
+      }
     }
   }
 
