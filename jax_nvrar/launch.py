@@ -57,6 +57,7 @@ import argparse
 import ctypes
 import dataclasses
 import os
+import random
 import re
 import runpy
 import signal
@@ -336,10 +337,30 @@ def _check_coordinator(value: str) -> str:
     return value
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel draws outgoing connections' local ports from."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def _free_port(host: str) -> int:
-    # The port is released before process 0 binds it; another program could take it in between,
-    # which jax.distributed then reports as a bind failure.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port free on every address, below the ephemeral range. The port is released before process
+    0's coordinator binds it (on every address); a port the kernel handed out (bind to port 0) could
+    meanwhile become the local port of an outgoing connection, e.g. of a job that just ended, and
+    jax.distributed then fails to bind (seen as a segmentation fault in jaxlib 0.11.2)."""
+    low = _ephemeral_ports()[0]
+    candidates = random.Random().sample(range(10000, low), min(64, max(0, low - 10000)))
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no range below: any free port
         sock.bind((host, 0))
         return sock.getsockname()[1]
 

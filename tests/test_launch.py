@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -292,3 +293,12 @@ def test_release_order():
     assert launch._release("0.11.2.post1") == (0, 11, 2, 1)
     assert launch._release("0.11.2rc1") < launch._release("0.11.2") < launch._release("0.11.3.dev1")
     assert launch._release("unknown") == ()
+
+
+def test_free_port_is_outside_the_ephemeral_range_and_bindable():
+    low, high = launch._ephemeral_ports()
+    assert 0 < low <= high < 65536
+    port = launch._free_port("127.0.0.1")
+    assert low <= 10000 or 10000 <= port < low
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", port))  # free on every address, as the coordinator binds it
