@@ -13,7 +13,8 @@
 // receive region and a stage region, and a Lamport receive region, every
 // region split by parity. Only the owner reads its receive regions; peers
 // write them: LL and Lamport regions through nvshmem_ptr() stores over
-// NVLink, inter-node regions through NVSHMEM puts.
+// NVLink, inter-node regions the same way where the partner is reachable,
+// else through NVSHMEM puts.
 //
 // Packets. Intra-node data travel as LL lines of 16 bytes written with one
 // 16-byte store: {data0, flag, data1, flag}, 8 payload bytes, flag = the
@@ -30,10 +31,14 @@
 // polls the flags of its slice with acquire loads, then reads through L2.
 // Header::flags_a / flags_b hold them, one per (parity, source, block).
 //
-// Inter-node data travel as nvshmemx_putmem_signal_nbi_block: payload then a
-// 64-bit signal set to the sequence number, one signal per (step, block), so
-// the path works over any NVSHMEM transport (NVLink P2P, InfiniBand,
-// Slingshot via libfabric), not only where peers are load/store reachable.
+// Inter-node data travel as LL lines stored into the partner's receive region
+// where nvshmem_ptr() reaches it (virtual nodes of one host, nodes of one
+// NVLink domain) and the message is at most kInterLinesMaxBytes; else as
+// nvshmemx_putmem_signal_nbi_block: payload then a 64-bit signal set to the
+// sequence number, one signal per (step, block), so the path works over any
+// NVSHMEM transport (InfiniBand, Slingshot via libfabric). The two land in
+// separate parts of a receive region. JAX_NVRAR_INTER_NODE=put (the "puts"
+// attribute) forces puts.
 //
 // Sequence numbers. header->seq holds the number of the last call of this
 // slot; a call uses seq + 1, and the last of its blocks to have read the old
@@ -117,8 +122,8 @@ namespace {
 
 constexpr int kMaxLocal = 8;      // PEs per node
 constexpr int kMaxSteps = 8;      // inter-node regions: fold, 6 doublings, unfold
-constexpr int kFoldStep = 0;      // region index of the fold
-constexpr int kUnfoldStep = kMaxSteps - 1;
+constexpr int kFoldStep = 0;      // region index of the fold (the unfold's is
+                                  // the last, Params::regions - 1)
 constexpr int kMaxBlocks = 128;
 constexpr int kThreads = 512;
 constexpr size_t kHeaderBytes = 64 << 10;
@@ -139,6 +144,11 @@ enum Phase : int { kOneShotPhase, kReduceScatter, kAllGather, kInterNode };
 // Values of the "fault" attribute (testing only).
 enum Fault : int { kNoFault = 0, kSkipLocalWaits = 1, kSkipRemoteWaits = 2 };
 constexpr int64_t kVec = 16;      // bytes of data in one flag-protocol store
+// Largest message whose inter-node steps use LL lines where the partner is
+// reachable; above it, lines' 50% payload costs more than a put's signal
+// and fence (2x2 virtual nodes on 4xH100: lines 9.9-14.5 us against puts
+// 17.7-22.6 us up to 128 KB, equal at 512 KB, 47.7 against 36.8 us at 2 MB).
+constexpr int64_t kInterLinesMaxBytes = 512 << 10;
 
 struct Header {
   uint32_t seq;          // sequence number of the last call started
@@ -159,6 +169,11 @@ struct Params {
   int64_t chunk;          // packets per local rank (two-shot, hierarchical)
   int64_t ll_packets;     // packets per parity of one LL region
   int64_t inter_bytes;    // bytes per (parity, step) of an inter-node region
+  int64_t raw_offset;     // where its raw packets (puts) start, after LL lines
+  int regions;            // inter-node steps per parity: fold, doublings, unfold
+  char* peer_recv[kMaxSteps];  // the partner's receive region at each step
+                               // where it is load/store reachable, else null
+  bool puts;              // some step of this PE goes through NVSHMEM puts
   uint4* ll_a[kMaxLocal]; // region A of every local peer (parity 0)
   uint4* ll_b[kMaxLocal]; // region B of every local peer (parity 0)
   uint4* lp[kMaxLocal];   // Lamport region of every local peer (parity 0)
@@ -236,13 +251,19 @@ __device__ __forceinline__ V spin(V v, Load load, Done done, const Params& p,
   return v;
 }
 
+// Fault switch: 1 skips every wait for data, 2 only for inter-node data.
+__device__ __forceinline__ bool skips_wait(const Params& p, Phase phase) {
+  return phase == kInterNode ? p.fault != kNoFault
+                             : (p.fault & kSkipLocalWaits) != 0;
+}
+
 // Waits until the LL line at src carries seq, starting from `first`, the
 // value already loaded from it, and returns its data. Callers load several
 // lines before waiting on any, so that their loads are in flight together.
 __device__ __forceinline__ uint2 wait_line(const uint4* src, uint4 first,
                                            uint32_t seq, const Params& p,
                                            Phase phase, int64_t index) {
-  if (p.fault & kSkipLocalWaits) return make_uint2(first.x, first.z);
+  if (skips_wait(p, phase)) return make_uint2(first.x, first.z);
   const uint4 v = spin(first, [&] { return load_line(src); },
                        [&](uint4 v) { return v.y == seq && v.w == seq; }, p,
                        phase, seq, index);
@@ -262,13 +283,11 @@ __device__ __forceinline__ uint64_t load_acquire(const uint64_t* word) {
 }
 
 // Waits (acquire) until a peer set `word` to this call's sequence number.
-// Fault switch: 1 skips every such wait, 2 only the inter-node signals.
 template <typename W>
 __device__ __forceinline__ void wait_seq(const W* word, uint32_t seq,
                                          const Params& p, Phase phase,
                                          int64_t index) {
-  if (phase == kInterNode ? p.fault != kNoFault : (p.fault & kSkipLocalWaits))
-    return;
+  if (skips_wait(p, phase)) return;
   auto load = [&] { return load_acquire(word); };
   spin(load(), load, [&](W v) { return v == seq; }, p, phase, seq, index);
 }
@@ -686,55 +705,92 @@ __device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
 // Inter-node phase for this block's slice [lo, hi) of the chunk, whose
 // node-reduced packets are in stage region 0. Returns where the group-reduced
 // slice ends up (indexed by packet like the chunk).
+//
+// Two transports, chosen per step by the partner (the choice is symmetric:
+// NVLink peers reach each other both ways):
+// - partner load/store reachable (p.peer_recv[step] set; e.g. virtual nodes
+//   on one host, or nodes of one NVLink domain): LL lines stored straight
+//   into the partner's receive region. Each thread sends, awaits and sums the
+//   same packets, so such a step needs no block barrier, fence or signal.
+// - otherwise: the block puts its slice with a signal (any NVSHMEM
+//   transport), after a block barrier; the receiver awaits the signal.
 template <typename T>
 __device__ const uint2* inter_node(const Params& p, uint32_t seq, int parity,
                                    int64_t lo, int64_t hi) {
+  const int unfold = p.regions - 1;
+  auto offset = [&](int step) {
+    return (int64_t(parity) * p.regions + step) * p.inter_bytes;
+  };
   auto region = [&](char* base, int step) {
-    return reinterpret_cast<uint2*>(
-        base + (int64_t(parity) * kMaxSteps + step) * p.inter_bytes);
+    return reinterpret_cast<uint2*>(base + offset(step));
+  };
+  auto raw = [&](int step) {  // where puts land
+    return reinterpret_cast<uint2*>(p.recv + offset(step) + p.raw_offset);
   };
   auto signal = [&](int step) {
     return &p.header->signals[parity][step][blockIdx.x];
   };
-  const size_t bytes = size_t(hi - lo) * kPayload;
-  auto put = [&](int step, const uint2* src, int pe) {
-    if (bytes > 0) {
-      nvshmemx_putmem_signal_nbi_block(region(p.recv, step) + lo, src + lo,
-                                       bytes, signal(step), seq,
-                                       NVSHMEM_SIGNAL_SET, pe);
+  auto send = [&](int step, const uint2* src, int pe) {
+    if (p.peer_recv[step] != nullptr) {
+      uint4* dst = reinterpret_cast<uint4*>(p.peer_recv[step] + offset(step));
+      for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
+        store_line(dst + i, src[i], seq);
+      return;
+    }
+    __syncthreads();  // the block's slice of src is complete
+    if (hi > lo) {
+      nvshmemx_putmem_signal_nbi_block(raw(step) + lo, src + lo,
+                                       size_t(hi - lo) * kPayload,
+                                       signal(step), seq, NVSHMEM_SIGNAL_SET,
+                                       pe);
     } else if (threadIdx.x == 0) {  // an empty slice still reports arrival
       nvshmemx_signal_op(signal(step), seq, NVSHMEM_SIGNAL_SET, pe);
     }
   };
-  auto receive = [&](int step) {
-    if (threadIdx.x == 0) wait_seq(signal(step), seq, p, kInterNode, step);
-    __syncthreads();
-    return region(p.recv, step);
-  };
-  auto accumulate = [&](const uint2* mine, const uint2* got, uint2* sum) {
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
-      sum[i] = add_packets<T>(mine[i], __ldcg(got + i));
-    __syncthreads();
+  // sum[i] = mine[i] + (what arrived at `step`)[i]; without mine, a copy.
+  auto receive = [&](int step, const uint2* mine, uint2* sum) {
+    auto take = [&](int64_t i, uint2 got) {
+      sum[i] = mine ? add_packets<T>(mine[i], got) : got;
+    };
+    if (p.peer_recv[step] == nullptr) {
+      if (threadIdx.x == 0) wait_seq(signal(step), seq, p, kInterNode, step);
+      __syncthreads();
+      const uint2* got = raw(step);
+      for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
+        take(i, __ldcg(got + i));
+      return;
+    }
+    const uint4* got = reinterpret_cast<const uint4*>(p.recv + offset(step));
+    for (int64_t i0 = lo + threadIdx.x; i0 < hi; i0 += kTakeBatch * blockDim.x) {
+      uint4 first[kTakeBatch];
+#pragma unroll
+      for (int u = 0; u < kTakeBatch; ++u)
+        if (i0 + u * blockDim.x < hi) first[u] = load_line(got + i0 + u * blockDim.x);
+#pragma unroll
+      for (int u = 0; u < kTakeBatch; ++u) {
+        const int64_t i = i0 + u * blockDim.x;
+        if (i < hi) take(i, wait_line(got + i, first[u], seq, p, kInterNode, i));
+      }
+    }
   };
 
-  __syncthreads();  // stage 0 of this slice is complete
   if (p.role == kFoldSender) {
-    put(kFoldStep, region(p.stage, 0), p.fold_pe);
-    return receive(kUnfoldStep);
+    send(kFoldStep, region(p.stage, 0), p.fold_pe);
+    receive(unfold, nullptr, region(p.stage, 1));
+    return region(p.stage, 1);
   }
   int version = 0;  // stage region holding the running sum
   if (p.role == kFoldReceiver) {
-    accumulate(region(p.stage, 0), receive(kFoldStep), region(p.stage, 1));
+    receive(kFoldStep, region(p.stage, 0), region(p.stage, 1));
     version = 1;
   }
   for (int s = 0; s < p.steps; ++s) {
-    put(1 + s, region(p.stage, version), p.step_pe[s]);
-    accumulate(region(p.stage, version), receive(1 + s),
-               region(p.stage, version + 1));
+    send(1 + s, region(p.stage, version), p.step_pe[s]);
+    receive(1 + s, region(p.stage, version), region(p.stage, version + 1));
     ++version;
   }
   if (p.role == kFoldReceiver)
-    put(kUnfoldStep, region(p.stage, version), p.fold_pe);
+    send(unfold, region(p.stage, version), p.fold_pe);
   return region(p.stage, version);
 }
 
@@ -785,7 +841,7 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
     const uint2* reduced = nullptr;
     if (p.steps > 0 || p.role != kPlain) {
       uint2* stage0 = reinterpret_cast<uint2*>(
-          p.stage + int64_t(parity) * kMaxSteps * p.inter_bytes);
+          p.stage + int64_t(parity) * p.regions * p.inter_bytes);
       for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
         stage0[i] = reduce_lines<T>(my_a + i, C, seq, p, kReduceScatter, i);
       reduced = inter_node<T>(p, seq, parity, lo, hi);
@@ -810,7 +866,7 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
     }
   }
 
-  if (threadIdx.x == 0 && (p.steps > 0 || p.role != kPlain)) nvshmem_quiet();
+  if (threadIdx.x == 0 && p.puts) nvshmem_quiet();
   if (threadIdx.x == 0 && ticket == gridDim.x - 1) {
     __threadfence();  // acquire: every block has read the old number
     p.header->blocks_done = 0;
@@ -820,13 +876,37 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
 
 // ------------------------------------------------------------- host launcher
 
+// Recursive-doubling steps between the largest power of two of N nodes
+// (the core; the other nodes fold into it).
+int doubling_steps(int num_nodes) {
+  int steps = 0;
+  while ((2 << steps) <= num_nodes) ++steps;
+  return steps;
+}
+
+// Inter-node regions per parity of a group of N nodes: fold, doublings,
+// unfold. Every PE of a group has the same N, so the same region offsets.
+int inter_regions(int num_nodes) { return doubling_steps(num_nodes) + 2; }
+
+// A receive region of one (parity, step) holds LL lines first, then raw
+// packets (puts) from raw_offset on: apart, so that neither transport can
+// take the other's leftovers for its own data.
+int64_t raw_offset(int64_t step_bytes) { return step_bytes / 3 * 2 / 16 * 16; }
+
+// Packets of a chunk that one step's region holds both ways.
+int64_t inter_capacity(int64_t step_bytes) {
+  const int64_t off = raw_offset(step_bytes);
+  return std::min<int64_t>(off / int64_t(sizeof(uint4)),
+                           (step_bytes - off) / kPayload);
+}
+
 // Whether a message of `chunk` packets per local rank fits a slot: one parity
 // of an LL region (every variant can fall back to LL lines) holds node_size
 // chunks, an inter-node step one chunk.
 bool fits_slot(int64_t chunk, int node_size, int num_nodes, int64_t ll_lines,
                int64_t inter_step_bytes) {
   return node_size * chunk <= ll_lines &&
-         (num_nodes == 1 || chunk * kPayload <= inter_step_bytes);
+         (num_nodes == 1 || chunk <= inter_capacity(inter_step_bytes));
 }
 
 // The variant a call runs: the one asked for, or for kAuto the default
@@ -859,7 +939,7 @@ struct Grid {
 
 // The default grid of a variant for a message of nbytes (the "blocks"
 // attribute, when not 0, replaces the block count).
-Grid launch_grid(int algo, int64_t nbytes) {
+Grid launch_grid(int algo, int64_t nbytes, int num_nodes) {
   if (algo == kOneShotLamport || algo == kTwoShotLamport) {
     // One 16-byte vector per thread, in small blocks up to 256 KB: the
     // stores then leave from many SMs at once.
@@ -870,8 +950,10 @@ Grid launch_grid(int algo, int64_t nbytes) {
   }
   int64_t units, per_thread, cap;
   if (algo == kOneShotLL || algo == kTwoShotLL) {
+    // The hierarchical path waits on three hops in turn: one packet per
+    // thread (2x2 on 4xH100, 128 KB: 32 blocks 11.7 us, 8 blocks 14.1 us).
     units = (nbytes + kPayload - 1) / kPayload;
-    per_thread = algo == kOneShotLL ? 2 : 4;
+    per_thread = num_nodes > 1 ? 1 : algo == kOneShotLL ? 2 : 4;
     cap = algo == kOneShotLL ? 32 : 64;
   } else {
     units = (nbytes + kVec - 1) / kVec, per_thread = 4, cap = 64;
@@ -935,11 +1017,8 @@ ffi::ErrorOr<Plan> make_plan(const Runtime& rt, const std::vector<int64_t>& grou
     return invalid(
         "jax_nvrar: node_size " + std::to_string(G) + " exceeds the kernel's " +
         std::to_string(kMaxLocal) + " PEs per node");
-  int core = 1;
-  while (core * 2 <= N) core *= 2;
-  int steps = 0;
-  while ((1 << steps) < core) ++steps;
-  if (steps + 2 > kMaxSteps)
+  const int steps = doubling_steps(N), core = 1 << steps;
+  if (inter_regions(N) > kMaxSteps)
     return invalid(
         "jax_nvrar: " + std::to_string(N) + " nodes exceed the kernel's " +
         std::to_string(1 << (kMaxSteps - 2)) + "-node limit");
@@ -968,7 +1047,9 @@ ffi::ErrorOr<Plan> make_plan(const Runtime& rt, const std::vector<int64_t>& grou
   }
   p.lp_vecs = layout.lamport_vecs();
   p.ll_packets = layout.ll_lines();
-  p.inter_bytes = layout.inter_step_bytes(kMaxSteps);
+  p.regions = inter_regions(N);
+  p.inter_bytes = layout.inter_step_bytes(p.regions);
+  p.raw_offset = raw_offset(p.inter_bytes);
   p.recv = slot_base + layout.recv_offset();
   p.stage = slot_base + layout.stage_offset();
   p.header = reinterpret_cast<Header*>(slot_base);
@@ -978,6 +1059,14 @@ ffi::ErrorOr<Plan> make_plan(const Runtime& rt, const std::vector<int64_t>& grou
               : p.role == kFoldReceiver ? pe_of(node + core) : -1;
   p.steps = node < core ? steps : 0;
   for (int s = 0; s < p.steps; ++s) p.step_pe[s] = pe_of(node ^ (1 << s));
+  // Each step's transport: stores where the partner's receive region is
+  // mapped here, else puts.
+  auto link = [&](int step, int pe) {
+    p.peer_recv[step] = static_cast<char*>(nvshmem_ptr(p.recv, pe));
+    p.puts |= p.peer_recv[step] == nullptr;
+  };
+  if (p.role != kPlain) link(kFoldStep, p.fold_pe), link(p.regions - 1, p.fold_pe);
+  for (int s = 0; s < p.steps; ++s) link(1 + s, p.step_pe[s]);
   p.pe = rt.pe;
   p.timeout_ns = rt.timeout_ns;
   return plan;
@@ -1062,7 +1151,7 @@ ffi::ErrorOr<const Plan*> find_plan(const Runtime& rt,
 template <typename T>
 ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
                   void* out, int64_t nbytes, int64_t algo, int64_t blocks,
-                  int64_t fault) {
+                  int64_t puts, int64_t fault) {
   Params p = plan.base;
   const int G = p.node_size, N = plan.num_nodes;
   p.in = static_cast<const char*>(in);
@@ -1074,13 +1163,17 @@ ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
     return ffi::Error::InvalidArgument(
         "jax_nvrar: fault switch " + std::to_string(fault) + " is not 0, 1 or 2");
   p.fault = int(fault);
+  if (puts || nbytes > kInterLinesMaxBytes) {  // every step through puts
+    std::fill(p.peer_recv, p.peer_recv + kMaxSteps, nullptr);
+    p.puts = N > 1;
+  }
   if (!fits_slot(p.chunk, G, N, p.ll_packets, p.inter_bytes))
     return ffi::Error::InvalidArgument(
         "jax_nvrar: a message of " + std::to_string(nbytes) +
         " bytes exceeds the workspace slot; jax_nvrar.psum splits larger "
         "messages, so this call bypassed it");
   p.algo = pick_variant(p, G, N, int(algo));
-  Grid grid = launch_grid(p.algo, nbytes);
+  Grid grid = launch_grid(p.algo, nbytes, N);
   if (blocks > 0) grid.blocks = int(std::min<int64_t>(blocks, kMaxBlocks));
   const int resident = resident_blocks<T>(grid.threads);
   if (resident < 1)
@@ -1100,7 +1193,7 @@ ffi::Error allreduce(cudaStream_t stream, ffi::AnyBuffer x,
                      ffi::Result<ffi::AnyBuffer> y,
                      ffi::Span<const int64_t> groups, int64_t group_size,
                      int64_t node_size, int64_t slot, int64_t algo,
-                     int64_t blocks, int64_t fault) {
+                     int64_t blocks, int64_t puts, int64_t fault) {
   const Runtime& rt = runtime();
   if (!rt.initialized)
     return ffi::Error::InvalidArgument(
@@ -1115,11 +1208,11 @@ ffi::Error allreduce(cudaStream_t stream, ffi::AnyBuffer x,
   const int64_t nbytes = int64_t(x.size_bytes());
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      return launch<float>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, blocks, fault);
+      return launch<float>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, blocks, puts, fault);
     case ffi::DataType::BF16:
-      return launch<__nv_bfloat16>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, blocks, fault);
+      return launch<__nv_bfloat16>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, blocks, puts, fault);
     case ffi::DataType::F16:
-      return launch<__half>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, blocks, fault);
+      return launch<__half>(stream, **plan, x.untyped_data(), y->untyped_data(), nbytes, algo, blocks, puts, fault);
     default:
       return ffi::Error::InvalidArgument(
           "jax_nvrar: the kernel sums float32, bfloat16 and float16 only");
@@ -1152,7 +1245,9 @@ size_t max_message_bytes(size_t slot_bytes, int node_size, int num_nodes) {
   int64_t packets = layout.ll_lines() - node_size;  // G * ceil(P / G) <= P + G - 1
   if (num_nodes > 1)
     packets = std::min<int64_t>(
-        packets, (layout.inter_step_bytes(kMaxSteps) / kPayload - 1) * node_size);
+        packets,
+        (inter_capacity(layout.inter_step_bytes(inter_regions(num_nodes))) - 1) *
+            node_size);
   return size_t(std::max<int64_t>(0, packets) * kPayload / 256 * 256);
 }
 
@@ -1173,5 +1268,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("slot")                     // workspace slot of layout
         .Attr<int64_t>("algo")                     // Algo: variant or 0 (auto)
         .Attr<int64_t>("blocks")                   // grid size or 0 (the rule)
+        .Attr<int64_t>("puts")                     // 1: inter-node data always
+                                                   // through NVSHMEM puts
         .Attr<int64_t>("fault"),                   // testing: Fault
     {ffi::Traits::kCmdBufferCompatible});          // cudaGraph enabled

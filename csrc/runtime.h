@@ -26,11 +26,11 @@ struct SlotLayout {
   size_t stage_offset() const { return recv_offset() + inter_bytes; }
   size_t lamport_offset() const { return stage_offset() + inter_bytes; }
   // Capacities of one parity: 16-byte lines of an LL region, 16-byte vectors
-  // of the Lamport region, bytes of one inter-node step (of kMaxSteps).
+  // of the Lamport region, bytes of one inter-node step (of `regions`).
   int64_t ll_lines() const { return int64_t(ll_bytes / 2 / 16); }
   int64_t lamport_vecs() const { return int64_t(lamport_bytes / 2 / 16); }
-  int64_t inter_step_bytes(int max_steps) const {
-    return int64_t(inter_bytes / (2 * max_steps)) / 16 * 16;
+  int64_t inter_step_bytes(int regions) const {
+    return int64_t(inter_bytes / (2 * regions)) / 16 * 16;
   }
 };
 

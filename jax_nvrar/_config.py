@@ -40,10 +40,16 @@ VARIABLES = {
         "120", "seconds a kernel spin-wait may last before it reports the PE, "
                "phase and sequence number and traps (long enough for peers "
                "still loading weights before their first all-reduce)"),
+    "JAX_NVRAR_INTER_NODE": (
+        "auto", "how data travel between (virtual) nodes: auto (LL lines "
+                "stored over NVLink where the partner is load/store "
+                "reachable and the message at most 512 KiB, else NVSHMEM "
+                "puts with a signal) or put (always puts; for testing and "
+                "comparison)"),
     "JAX_NVRAR_FAULT_INJECT": (
         "0", "testing only: 1 makes the kernel use data without waiting for "
-             "it to arrive, 2 only data from other nodes (the inter-node "
-             "signals), so results must go wrong (the GPU suite's negative "
+             "it to arrive, 2 only data from other nodes (inter-node lines "
+             "and signals), so results must go wrong (the GPU suite's negative "
              "controls)"),
     "JAX_NVRAR_AUTO_MAX_KB": (
         "4096", "backend='auto' uses the kernel on one node up to this "

@@ -108,6 +108,15 @@ def _fault_switch() -> int:
     return fault
 
 
+def _inter_node_puts() -> bool:
+    """$JAX_NVRAR_INTER_NODE: whether every inter-node step uses puts."""
+    mode = _config.get("JAX_NVRAR_INTER_NODE")
+    if mode not in ("auto", "put"):
+        raise ValueError(
+            f"JAX_NVRAR_INTER_NODE={mode!r} is not 'auto' or 'put'")
+    return mode == "put"
+
+
 def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
     (aval,) = ctx.avals_in
     nbytes = math.prod(aval.shape) * aval.dtype.itemsize
@@ -128,6 +137,7 @@ def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
         slot=np.int64(slot),
         algo=np.int64(_runtime.algo_code(variant)),
         blocks=np.int64(blocks),
+        puts=np.int64(_inter_node_puts()),
         fault=np.int64(_fault_switch()))
 
 

@@ -124,6 +124,7 @@ def _share_unique_id(client, process_id: int, timeout_ms: int) -> bytes:
 _SHARED_VARIABLES = ("JAX_NVRAR_BACKEND", "JAX_NVRAR_NODE_SIZE",
                      "JAX_NVRAR_ALGO", "JAX_NVRAR_AUTO_MAX_KB",
                      "JAX_NVRAR_AUTO_MAX_KB_NODES", "JAX_NVRAR_FAULT_INJECT",
+                     "JAX_NVRAR_INTER_NODE",
                      "JAX_NVRAR_TUNING", "JAX_NVRAR_BLOCKS")
 
 

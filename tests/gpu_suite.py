@@ -142,20 +142,26 @@ def global_array(mesh, dtype, count, seed, *, integer=True):
     return put(mesh, P("tp"), make)
 
 
-def kernel_settings(algo="auto", fault="0", blocks=0):
-    """The variant, block count (0: the table's or the kernel's rule) and
-    fault switch for the programs traced inside."""
+def kernel_settings(algo="auto", fault="0", blocks=0, inter="auto"):
+    """The variant, block count (0: the table's or the kernel's rule),
+    inter-node transport and fault switch for the programs traced inside."""
     return _config.override(JAX_NVRAR_ALGO=algo, JAX_NVRAR_FAULT_INJECT=fault,
-                            JAX_NVRAR_BLOCKS=str(blocks))
+                            JAX_NVRAR_BLOCKS=str(blocks),
+                            JAX_NVRAR_INTER_NODE=inter)
 
 
-def check_sizes(suite, n, node_size, dtype_name, algo="auto", blocks=0):
+def inter_label(inter):
+    return ", inter-node puts" if inter == "put" else ""
+
+
+def check_sizes(suite, n, node_size, dtype_name, algo="auto", blocks=0,
+                inter="auto"):
     mesh = mesh_1d(n)
     dtype = DTYPES[dtype_name]
     sizes = QUICK_SIZES if suite.quick else SIZES
 
     def body():
-        with kernel_settings(algo, blocks=blocks):
+        with kernel_settings(algo, blocks=blocks, inter=inter):
             return sweep()
 
     def sweep():
@@ -177,8 +183,8 @@ def check_sizes(suite, n, node_size, dtype_name, algo="auto", blocks=0):
 
     grid = f", {blocks} blocks" if blocks else ""
     suite.check(f"{n} PEs, {n // node_size}x{node_size}, {dtype_name}, "
-                f"algo {algo}{grid}, {len(sizes)} sizes x (integer, random)",
-                body)
+                f"algo {algo}{grid}{inter_label(inter)}, {len(sizes)} sizes x "
+                "(integer, random)", body)
 
 
 def check_stale_outputs(suite, n, node_size):
@@ -208,7 +214,7 @@ def check_stale_outputs(suite, n, node_size):
                 "consecutive outputs", body)
 
 
-def check_many_calls(suite, n, node_size, calls, algo="auto"):
+def check_many_calls(suite, n, node_size, calls, algo="auto", inter="auto"):
     """Back-to-back calls in one program: sequence numbers and buffer reuse.
     Each step stays integer-valued and small, so results are exact."""
     mesh = mesh_1d(n)
@@ -224,7 +230,7 @@ def check_many_calls(suite, n, node_size, calls, algo="auto"):
         return per_device
 
     def body():
-        with kernel_settings(algo):
+        with kernel_settings(algo, inter=inter):
             return loops()
 
     def loops():
@@ -238,8 +244,9 @@ def check_many_calls(suite, n, node_size, calls, algo="auto"):
                 return f"{kind}: {problem}"
         return None
 
-    suite.check(f"{n} PEs, {n // node_size}x{node_size}, algo {algo}: "
-                f"{calls} back-to-back calls in fori_loop and scan", body)
+    suite.check(f"{n} PEs, {n // node_size}x{node_size}, algo {algo}"
+                f"{inter_label(inter)}: {calls} back-to-back calls in "
+                "fori_loop and scan", body)
 
 
 def check_two_axis_mesh(suite):
@@ -302,16 +309,17 @@ def check_auto(suite, n):
     suite.check(f"{n} PEs: backend='auto' uses the kernel", body)
 
 
-def check_negative_control(suite, n, node_size, algo="auto", fault="1"):
+def check_negative_control(suite, n, node_size, algo="auto", fault="1",
+                           inter="auto"):
     """With arrivals not awaited (fault 1: flags ignored, Lamport lines read
-    without waiting; fault 2: only the inter-node signals ignored), results
+    without waiting; fault 2: only inter-node lines and signals), results
     must go wrong: proof that the comparisons above can fail and that the
     arrival checks carry the protocol."""
     mesh = mesh_1d(n)
 
     def body():
         wrong = 0
-        with kernel_settings(algo, fault=fault):
+        with kernel_settings(algo, fault=fault, inter=inter):
             for seed in range(3):
                 x = global_array(mesh, jnp.float32, 1 << 20, 500 + seed)
                 ours = run(mesh, lambda v: jax_nvrar.psum(
@@ -324,8 +332,9 @@ def check_negative_control(suite, n, node_size, algo="auto", fault="1"):
         return None
 
     ignored = "arrivals" if fault == "1" else "inter-node arrivals"
-    suite.check(f"{n} PEs, {n // node_size}x{node_size}, algo {algo}: "
-                f"negative control ({ignored} ignored -> wrong results)", body)
+    suite.check(f"{n} PEs, {n // node_size}x{node_size}, algo {algo}"
+                f"{inter_label(inter)}: negative control ({ignored} ignored "
+                "-> wrong results)", body)
 
 
 def main():
@@ -354,6 +363,10 @@ def main():
                 for algo in ALGOS:
                     check_sizes(suite, n, node_size, "bfloat16", algo)
                     check_sizes(suite, n, node_size, "bfloat16", algo, blocks=3)
+            else:  # several nodes: the put transport forced too
+                check_sizes(suite, n, node_size, "bfloat16", inter="put")
+                check_sizes(suite, n, node_size, "bfloat16", blocks=3,
+                            inter="put")
         if "stale" in groups:
             check_stale_outputs(suite, n, node_size)
         if "calls" in groups:
@@ -361,6 +374,8 @@ def main():
             if node_size == n:
                 for algo in ("oneshot_lamport", "twoshot_lamport"):
                     check_many_calls(suite, n, node_size, args.calls, algo)
+            else:
+                check_many_calls(suite, n, node_size, args.calls, inter="put")
     if "mesh" in groups:
         check_two_axis_mesh(suite)
     if "vma" in groups:
@@ -370,8 +385,10 @@ def main():
     if "negative" in groups:
         for algo in ["auto"] + ALGOS:
             check_negative_control(suite, n, layouts[0], algo)
-        if len(layouts) > 1:  # several nodes: the inter-node signals alone
-            check_negative_control(suite, n, layouts[1], fault="2")
+        if len(layouts) > 1:  # several nodes: the inter-node waits alone
+            for inter in ("auto", "put"):
+                check_negative_control(suite, n, layouts[1], fault="2",
+                                       inter=inter)
     suite.log(f"{suite.count - len(suite.failures)} passed, "
               f"{len(suite.failures)} failed")
     jax_nvrar.finalize()

@@ -202,3 +202,14 @@ def test_fault_switch_values(monkeypatch):
     monkeypatch.setenv("JAX_NVRAR_FAULT_INJECT", "3")
     with pytest.raises(ValueError, match="JAX_NVRAR_FAULT_INJECT=3 is not 0, 1 or 2"):
         _psum._fault_switch()
+
+
+def test_inter_node_transport_values(monkeypatch):
+    from jax_nvrar import _psum
+    monkeypatch.delenv("JAX_NVRAR_INTER_NODE", raising=False)
+    assert _psum._inter_node_puts() is False  # default: stores where reachable
+    monkeypatch.setenv("JAX_NVRAR_INTER_NODE", "put")
+    assert _psum._inter_node_puts() is True
+    monkeypatch.setenv("JAX_NVRAR_INTER_NODE", "puts")
+    with pytest.raises(ValueError, match="JAX_NVRAR_INTER_NODE='puts' is not 'auto' or 'put'"):
+        _psum._inter_node_puts()
