@@ -72,7 +72,9 @@
 //   hierarchical (N > 1): reduce-scatter as two-shot; then recursive doubling
 //             between equal local ranks of the N nodes on the chunk, each
 //             block on its own slice of the chunk, non-power-of-two N folded
-//             into partners first and unfolded last; then all-gather.
+//             into partners first and unfolded last; then all-gather. Lamport
+//             lines on each node where they fit, LL lines when an LL variant
+//             is asked for.
 //
 // Arithmetic. Half types accumulate in float32. The G sources of a chunk are
 // added in local-rank order, starting from source 0 (not from 0.0, which
@@ -138,6 +140,7 @@ enum Algo : int {
   kTwoShotFlag = 4,
   kOneShotLamport = 5,
   kTwoShotLamport = 6,
+  kHierLamport = 7,  // N > 1 only; the kernel picks it (not a table entry)
 };
 enum Role : int { kPlain = 0, kFoldReceiver = 1, kFoldSender = 2 };
 enum Phase : int { kOneShotPhase, kReduceScatter, kAllGather, kInterNode };
@@ -794,6 +797,66 @@ __device__ const uint2* inter_node(const Params& p, uint32_t seq, int parity,
   return region(p.stage, version);
 }
 
+// Purpose: hierarchical all-reduce with Lamport lines on each node: reduce-
+// scatter as twoshot_lamport (chunk j to local rank j, slot = source), the
+// inter-node phase on this block's slice of the chunk, then the all-gather
+// of the group-reduced chunk as twoshot_lamport's.
+// Requirement: 2 * G * ceil(vectors / G) fits one parity of the Lamport
+// region; 2 * ceil(vectors / G) packets fit an inter-node step.
+// Use-case: several nodes, messages where LL lines' 50% payload costs.
+template <typename T>
+__device__ void hier_lamport(const Params& p, uint32_t seq, int parity) {
+  const int G = p.node_size, me = p.local_rank;
+  const int64_t V = (p.nbytes + kVec - 1) / kVec;
+  const int64_t C = (V + G - 1) / G;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
+  const int64_t base = parity * p.lp_vecs, gather = base + G * C;
+  for (int64_t i = tid; i < V; i += nthreads) {
+    const int64_t j = i / C;
+    if (j != me)
+      store_vec_remote(p.lp[j] + base + me * C + (i - j * C),
+                       scrub(load_vec(p, i)));
+  }
+  // This PE's chunk, one contiguous slice of vectors per block (blocks of
+  // equal index on other nodes hold the same slice: the put path pairs them).
+  uint4* mine = p.lp[me];
+  const int64_t own = imax(0, imin(C, V - me * C));
+  const int64_t per_block = (own + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = imin(own, int64_t(blockIdx.x) * per_block);
+  const int64_t hi = imin(own, lo + per_block);
+  uint4* stage0 = reinterpret_cast<uint4*>(
+      p.stage + int64_t(parity) * p.regions * p.inter_bytes);
+  for (int64_t t = lo + threadIdx.x; t < hi; t += blockDim.x)
+    stage0[t] = take_sum<T>(mine + base + t, C, scrub(load_vec(p, me * C + t)),
+                            p, kReduceScatter, seq, t);
+  __syncthreads();  // inter_node's threads take packets, not vectors
+  const uint4* reduced = reinterpret_cast<const uint4*>(
+      inter_node<T>(p, seq, parity, 2 * lo, 2 * hi));
+  __syncthreads();
+  for (int64_t t = lo + threadIdx.x; t < hi; t += blockDim.x) {
+    const uint4 r = scrub(__ldcg(reduced + t));
+    for (int k = 1; k < G; ++k)
+      store_vec_remote(p.lp[(me + k) % G] + gather + me * C + t, r);
+    store_vec(p, me * C + t, r);
+  }
+  auto gathered = [&](int64_t i) { return i < V && i / C != me; };
+  for (int64_t i0 = tid; i0 < V; i0 += kTakeBatch * nthreads) {
+    uint4 early[kTakeBatch];
+#pragma unroll
+    for (int u = 0; u < kTakeBatch; ++u)
+      if (gathered(i0 + u * nthreads))
+        early[u] = load_line(mine + gather + i0 + u * nthreads);
+#pragma unroll
+    for (int u = 0; u < kTakeBatch; ++u) {
+      const int64_t i = i0 + u * nthreads;
+      if (gathered(i))
+        store_vec(p, i, take_vec(mine + gather + i, early[u], p, kAllGather,
+                                 seq, i));
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   const uint32_t seq =
@@ -812,7 +875,9 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   const uint4* my_a = p.ll_a[me] + base;
   const uint4* my_b = p.ll_b[me] + base;
 
-  if (p.algo == kOneShotLamport) {
+  if (p.algo == kHierLamport) {
+    hier_lamport<T>(p, seq, parity);
+  } else if (p.algo == kOneShotLamport) {
     oneshot_lamport<T>(p, seq, parity);
   } else if (p.algo == kTwoShotLamport) {
     twoshot_lamport<T>(p, seq, parity);
@@ -910,20 +975,26 @@ bool fits_slot(int64_t chunk, int node_size, int num_nodes, int64_t ll_lines,
 }
 
 // The variant a call runs: the one asked for, or for kAuto the default
-// table; the hierarchical path (N > 1) always starts like LL two-shot. Then
-// a variant whose region is too small for the message hands it to the next
-// one that fits (the same sum; every PE makes the same choice).
+// table. Then a variant whose region is too small for the message hands it
+// to the next one that fits (the same sum; every PE makes the same choice).
 // Measured on 4xH100 (benchmarks/results): Lamport one-shot is fastest to
-// 512 KB, Lamport two-shot above. jax_nvrar.psum always names a variant (from
-// its tuning table, jax_nvrar/_tuning.py), so this rule serves other callers
-// of the handler.
+// 512 KB, Lamport two-shot above. On one node jax_nvrar.psum always names a
+// variant (from its tuning table, jax_nvrar/_tuning.py), so that rule serves
+// other callers of the handler. Several nodes take the hierarchical path:
+// with Lamport lines on each node, or LL lines where an LL variant is asked
+// for or the Lamport region or an inter-node step is too small.
 int pick_variant(const Params& p, int G, int N, int requested) {
-  if (N > 1) return kTwoShotLL;
+  const int64_t vecs = (p.nbytes + kVec - 1) / kVec;
+  const int64_t chunk_vecs = (vecs + G - 1) / G;
+  if (N > 1) {  // LL variants asked for: LL lines on each node too
+    const bool ll = requested == kOneShotLL || requested == kTwoShotLL;
+    const bool fits = 2 * G * chunk_vecs <= p.lp_vecs &&
+                      2 * chunk_vecs <= inter_capacity(p.inter_bytes);
+    return !ll && fits ? kHierLamport : kTwoShotLL;
+  }
   int algo = requested;
   if (algo == kAuto)
     algo = p.nbytes <= (512 << 10) ? kOneShotLamport : kTwoShotLamport;
-  const int64_t vecs = (p.nbytes + kVec - 1) / kVec;
-  const int64_t chunk_vecs = (vecs + G - 1) / G;
   if (algo == kOneShotLamport && G * vecs > p.lp_vecs) algo = kTwoShotLamport;
   if (algo == kTwoShotLamport && 2 * G * chunk_vecs > p.lp_vecs) algo = kTwoShotLL;
   if (algo == kOneShotLL && G * p.packets > p.ll_packets) algo = kTwoShotLL;
@@ -940,7 +1011,8 @@ struct Grid {
 // The default grid of a variant for a message of nbytes (the "blocks"
 // attribute, when not 0, replaces the block count).
 Grid launch_grid(int algo, int64_t nbytes, int num_nodes) {
-  if (algo == kOneShotLamport || algo == kTwoShotLamport) {
+  if (algo == kOneShotLamport || algo == kTwoShotLamport ||
+      algo == kHierLamport) {
     // One 16-byte vector per thread, in small blocks up to 256 KB: the
     // stores then leave from many SMs at once.
     const int64_t vecs = (nbytes + kVec - 1) / kVec;

@@ -84,17 +84,17 @@ def _pe_of(device) -> int:
 def _kernel_variant(algo: str, nbytes: int, node_size: int,
                     num_nodes: int) -> tuple[str, int]:
     """(variant, thread blocks) of a call (blocks 0: the kernel's rule). On
-    one node, for "auto": the tuning table's choice (_tuning.py); several
-    nodes always take the hierarchical path, which the table's block counts
-    were not measured on. $JAX_NVRAR_BLOCKS overrides the block count.
+    one node, for "auto": the tuning table's choice (_tuning.py). Several
+    nodes always take the hierarchical path, which the table was not
+    measured on: "auto" goes to the kernel, which picks Lamport lines on
+    each node where they fit; the LL variants' names ask for LL lines.
+    $JAX_NVRAR_BLOCKS overrides the block count.
     Lamport lines have a region of their own; LL lines and the
     flag variants' raw data share regions, and a raw vector left there could
     carry words equal to a later LL call's sequence number, so the flag
     variants run only when JAX_NVRAR_ALGO asks for them (benchmarks)."""
-    variant, blocks = ((algo, 0) if algo != "auto"
+    variant, blocks = ((algo, 0) if algo != "auto" or num_nodes > 1
                        else _tuning.variant_for(nbytes, node_size))
-    if num_nodes > 1:
-        blocks = 0
     forced = _config.get_number("JAX_NVRAR_BLOCKS", maximum=_tuning.MAX_BLOCKS)
     return variant, forced or blocks
 

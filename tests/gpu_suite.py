@@ -363,7 +363,9 @@ def main():
                 for algo in ALGOS:
                     check_sizes(suite, n, node_size, "bfloat16", algo)
                     check_sizes(suite, n, node_size, "bfloat16", algo, blocks=3)
-            else:  # several nodes: the put transport forced too
+            else:  # several nodes: each line format, the put transport
+                for algo in ("twoshot_ll", "twoshot_lamport"):
+                    check_sizes(suite, n, node_size, "bfloat16", algo)
                 check_sizes(suite, n, node_size, "bfloat16", inter="put")
                 check_sizes(suite, n, node_size, "bfloat16", blocks=3,
                             inter="put")
@@ -375,6 +377,7 @@ def main():
                 for algo in ("oneshot_lamport", "twoshot_lamport"):
                     check_many_calls(suite, n, node_size, args.calls, algo)
             else:
+                check_many_calls(suite, n, node_size, args.calls, "twoshot_ll")
                 check_many_calls(suite, n, node_size, args.calls, inter="put")
     if "mesh" in groups:
         check_two_axis_mesh(suite)
@@ -389,6 +392,8 @@ def main():
             for inter in ("auto", "put"):
                 check_negative_control(suite, n, layouts[1], fault="2",
                                        inter=inter)
+            check_negative_control(suite, n, layouts[1], "twoshot_ll",
+                                   fault="2")
     suite.log(f"{suite.count - len(suite.failures)} passed, "
               f"{len(suite.failures)} failed")
     jax_nvrar.finalize()

@@ -147,13 +147,17 @@ def test_series_per_group():
     labels = [(s.label, s.layout.name) for s in cases.group_series(
         "default", layouts, set(cases.BACKENDS), cases.ALGOS)]
     variants = [(f"nvshmem:{a}", "1x4") for a in cases.ALGOS if a != "auto"]
+    per_node = [(f"nvshmem:{a}", "2x2") for a in cases.ALGOS
+                if a in ("twoshot_ll", "twoshot_lamport")]
     assert labels == [("xla", "1x4"), ("reference", "1x4"), ("nvshmem", "1x4"),
                       *variants, ("auto", "1x4"),
-                      ("reference", "2x2"), ("nvshmem", "2x2"), ("auto", "2x2")]
+                      ("reference", "2x2"), ("nvshmem", "2x2"), *per_node,
+                      ("auto", "2x2")]
+    assert len(per_node) == 2
     assert len(variants) == 6
     assert [s.label for s in cases.group_series(
         "xla_ck", layouts, set(cases.BACKENDS), cases.ALGOS)] == ["xla_ck"]
-    # Block counts of "auto" also reach the hierarchical layouts; other variants do not.
+    # Block counts of "auto" also reach the hierarchical layouts; one-shot variants do not.
     labels = [(s.label, s.layout.name) for s in cases.group_series(
         "default", layouts[1:], {"nvshmem"}, ("oneshot", "auto", "auto/8"))]
     assert labels == [("nvshmem", "2x2"), ("nvshmem:auto/8", "2x2")]

@@ -445,7 +445,7 @@ class _FakeRuntime:
 ])
 def test_kernel_lowering_carries_the_group_table(monkeypatch, axes, groups):
     # The custom call gets psum's replica groups of the mesh (devices stand
-    # in for PEs here), the node size and a Lamport variant by message size.
+    # in for PEs here), the node size and the variant.
     from jax_nvrar import _psum, _runtime
     monkeypatch.setattr(_runtime, "require", lambda: _FakeRuntime)
     monkeypatch.setattr(_runtime, "slot_for", lambda table: 0)
@@ -464,12 +464,14 @@ def test_kernel_lowering_carries_the_group_table(monkeypatch, axes, groups):
     assert f"groups = dense<[{flat}]>" in call
     assert f"group_size = {len(groups[0])} : i64" in call
     assert "node_size = 2 : i64" in call
-    assert "algo = 5 : i64" in call  # 80 KB per device: Lamport one-shot
+    # One node (2 PEs): the table's pick at 80 KB, Lamport one-shot; several
+    # nodes: 0, the kernel's choice of the hierarchical path's lines.
+    assert f"algo = {5 if len(groups[0]) == 2 else 0} : i64" in call
 
 
 @pytest.mark.parametrize("node_size,kib,kernel", [
     (4, 4096, True), (4, 4097, False),   # one node: JAX_NVRAR_AUTO_MAX_KB
-    (2, 512, True), (2, 513, False),     # two nodes: ..._AUTO_MAX_KB_NODES
+    (2, 2048, True), (2, 2049, False),   # two nodes: ..._AUTO_MAX_KB_NODES
 ])
 def test_auto_routes_by_size_and_layout(monkeypatch, node_size, kib, kernel):
     # backend="auto" takes the kernel up to the crossover measured for the
