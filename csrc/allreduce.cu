@@ -566,10 +566,11 @@ __device__ void twoshot_flag(const Params& p, uint32_t seq, int parity) {
 // sequence number travel: the payload is 100% of the bytes moved, with the
 // one-way latency of LL lines. A payload word equal to kEmpty is sent as 0
 // (scrub): for float32 that is -0.0 sent as +0.0; for 16-bit types only the
-// pair (+0, -0) is affected, sent as (+0, +0). Two-shot scrubs its reduced
-// chunks too, so a result word (+0, -0) comes out (+0, +0). The sign of a
-// zero sum can therefore differ from lax.psum's; its value cannot. Every PE reduces the
-// same scrubbed words, so results stay bitwise identical across PEs.
+// pair (+0, -0) is affected, sent as (+0, +0). Two-shot and hier_lamport
+// scrub their reduced chunks too, so a result word (+0, -0) comes out
+// (+0, +0). The sign of a zero sum can therefore differ from lax.psum's; its
+// value cannot. Every PE reduces the same scrubbed words, so results stay
+// bitwise identical across PEs.
 //
 // Reuse: call k reads and empties the parity k & 1 of its region; a peer
 // writes that parity again in call k + 2, which it starts only after this PE

@@ -310,9 +310,9 @@ def psum(x, axis_name, *, axis_index_groups=None, backend: str | None = None,
       NVRAR backends, so their last bit can differ from XLA's psum. On the
       kernel's default (Lamport) lines a float32 -0.0 (for 16-bit types: a
       -0.0 at the odd index of a +0.0/-0.0 pair), in an input or, with
-      two-shot, in a result, becomes +0.0, so a zero sum can come out +0.0
-      where psum gives -0.0. The backward
-      pass of the NVRAR backends is psum's own (XLA) transpose.
+      two-shot or several nodes, in a result, becomes +0.0, so a zero sum
+      can come out +0.0 where psum gives -0.0. The backward pass of the
+      NVRAR backends is psum's own (XLA) transpose.
 
     Example:
       With 4 devices:
