@@ -23,7 +23,7 @@ STEP = "step_pipelined_ms"
 TIME_KEYS = ("ttft_ms", "step_median_ms", "step_mean_ms", "step_pipelined_ms")
 DERIVED = ("step_speedup", "e2e_speedup", "ttft_speedup", "ar_share_step_pct",
            "ar_share_ttft_pct", "step_pipelined_ms", "pipelined_tokens_per_s",
-           "pipelined_hbm_gbps", "pipelined_roofline_pct")
+           "pipelined_hbm_gbps", "pipelined_roofline_pct", "pipelined_note")
 
 
 def merge(records_by_group: dict, groups_meta: list, skipped: list, meta: dict) -> dict:
@@ -70,11 +70,13 @@ def _speedups(rows, baseline, shares_from) -> None:
     for r in rows:
         base, bare = baseline.get(_key(r)), shares_from.get(_key(r))
         if base and r["backend"] not in ("xla", "nocomm"):
-            r["step_speedup"] = base[STEP] / r[STEP]
+            if STEP in base and STEP in r:
+                r["step_speedup"] = base[STEP] / r[STEP]
             r["ttft_speedup"] = base["ttft_ms"] / r["ttft_ms"]
             r["e2e_speedup"] = base["e2e_ms"] / r["e2e_ms"]
         if bare and r["backend"] != "nocomm":
-            r["ar_share_step_pct"] = 100 * (1 - bare[STEP] / r[STEP])
+            if STEP in bare and STEP in r:
+                r["ar_share_step_pct"] = 100 * (1 - bare[STEP] / r[STEP])
             r["ar_share_ttft_pct"] = 100 * (1 - bare["ttft_ms"] / r["ttft_ms"])
 
 
@@ -85,6 +87,10 @@ def _pipelined(r) -> None:
     round trip and the slowest rank's jitter of each step."""
     steps = r["gen_len"] - 1
     if steps < 1:
+        return
+    if r["e2e_ms"] <= r["ttft_ms"]:  # medians of different runs: noise won
+        r["pipelined_note"] = (f"not derived: e2e {r['e2e_ms']:.3f} ms <= TTFT "
+                               f"{r['ttft_ms']:.3f} ms (timing noise)")
         return
     r["step_pipelined_ms"] = (r["e2e_ms"] - r["ttft_ms"]) / steps
     seconds = r["step_pipelined_ms"] / 1e3
