@@ -145,9 +145,10 @@ def group_series(kind: str, layouts, backends, algos) -> list[Series]:
                 series.append(Series("reference", layout))
             if "nvshmem" in backends:
                 # JAX_NVRAR_ALGO picks the single-node kernel; hierarchical
-                # layouts always run the NVRAR path, where "auto", its block
-                # counts ("auto/8") and the two-shot names apply (twoshot_ll:
-                # LL lines on each node, twoshot_lamport: Lamport lines).
+                # layouts always run the NVRAR path, where an LL name asks
+                # for LL lines within each node and any other for Lamport
+                # lines: "auto", its block counts ("auto/8") and the two
+                # two-shot names run there.
                 hierarchical = [a for a in algos if _tuning.split(a)[0] in
                                 ("auto", "twoshot_ll", "twoshot_lamport")]
                 for algo in (algos if single else hierarchical or ("auto",)):

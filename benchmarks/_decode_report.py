@@ -67,17 +67,21 @@ def _key(r) -> tuple:
 def _speedups(rows, baseline, shares_from) -> None:
     """Fill DERIVED in ``rows`` from ``baseline`` (xla) and ``shares_from``
     (nocomm) rows of the same key."""
+    def ratio(other, r, key):  # None where either row lacks the time
+        return other[key] / r[key] if key in other and key in r else None
+
     for r in rows:
         base, bare = baseline.get(_key(r)), shares_from.get(_key(r))
+        derived = {}
         if base and r["backend"] not in ("xla", "nocomm"):
-            if STEP in base and STEP in r:
-                r["step_speedup"] = base[STEP] / r[STEP]
-            r["ttft_speedup"] = base["ttft_ms"] / r["ttft_ms"]
-            r["e2e_speedup"] = base["e2e_ms"] / r["e2e_ms"]
+            derived.update(step_speedup=ratio(base, r, STEP),
+                           ttft_speedup=ratio(base, r, "ttft_ms"),
+                           e2e_speedup=ratio(base, r, "e2e_ms"))
         if bare and r["backend"] != "nocomm":
-            if STEP in bare and STEP in r:
-                r["ar_share_step_pct"] = 100 * (1 - bare[STEP] / r[STEP])
-            r["ar_share_ttft_pct"] = 100 * (1 - bare["ttft_ms"] / r["ttft_ms"])
+            for share, key in (("ar_share_step_pct", STEP), ("ar_share_ttft_pct", "ttft_ms")):
+                q = ratio(bare, r, key)
+                derived[share] = None if q is None else 100 * (1 - q)
+        r.update({k: v for k, v in derived.items() if v is not None})
 
 
 def _pipelined(r) -> None:

@@ -149,8 +149,10 @@ enum Fault : int { kNoFault = 0, kSkipLocalWaits = 1, kSkipRemoteWaits = 2 };
 constexpr int64_t kVec = 16;      // bytes of data in one flag-protocol store
 // Largest message whose inter-node steps use LL lines where the partner is
 // reachable; above it, lines' 50% payload costs more than a put's signal
-// and fence (2x2 virtual nodes on 4xH100: lines 9.9-14.5 us against puts
-// 17.7-22.6 us up to 128 KB, equal at 512 KB, 47.7 against 36.8 us at 2 MB).
+// and fence (2x2 virtual nodes on 4xH100, LL lines within each node: lines
+// 9.9-14.5 us against puts 17.7-22.5 us up to 128 KB, puts 3-5% faster at
+// 512 KB, 47.7 against 36.8 us at 2 MB; the crossover was not measured
+// more finely).
 constexpr int64_t kInterLinesMaxBytes = 512 << 10;
 
 struct Header {

@@ -21,9 +21,11 @@ VARIABLES = {
         "", "devices per (virtual) node along the reduced axis; empty: from "
             "the runtime, else the whole axis is one node"),
     "JAX_NVRAR_ALGO": (
-        "auto", "single-node kernel variant: auto, oneshot, twoshot (flag "
-                "lines), oneshot_ll, twoshot_ll (LL lines), oneshot_lamport "
-                "or twoshot_lamport (Lamport lines)"),
+        "auto", "kernel variant: auto, oneshot, twoshot (flag lines), "
+                "oneshot_ll, twoshot_ll (LL lines), oneshot_lamport or "
+                "twoshot_lamport (Lamport lines); on several nodes an LL name "
+                "asks for LL lines within each node, any other for Lamport "
+                "lines"),
     "JAX_NVRAR_BLOCKS": (
         "0", "thread blocks per kernel launch; 0: the tuning table's (or the "
              "kernel's rule) for the message size; never more than fit on "

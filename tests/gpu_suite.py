@@ -310,7 +310,7 @@ def check_auto(suite, n):
 
 
 def check_negative_control(suite, n, node_size, algo="auto", fault="1",
-                           inter="auto"):
+                           inter="auto", count=1 << 20):
     """With arrivals not awaited (fault 1: flags ignored, Lamport lines read
     without waiting; fault 2: only inter-node lines and signals), results
     must go wrong: proof that the comparisons above can fail and that the
@@ -321,7 +321,7 @@ def check_negative_control(suite, n, node_size, algo="auto", fault="1",
         wrong = 0
         with kernel_settings(algo, fault=fault, inter=inter):
             for seed in range(3):
-                x = global_array(mesh, jnp.float32, 1 << 20, 500 + seed)
+                x = global_array(mesh, jnp.float32, count, 500 + seed)
                 ours = run(mesh, lambda v: jax_nvrar.psum(
                     v, "tp", backend="nvshmem", node_size=node_size), x)
                 want = run(mesh, lambda v: lax.psum(v, "tp"), x)
@@ -333,8 +333,8 @@ def check_negative_control(suite, n, node_size, algo="auto", fault="1",
 
     ignored = "arrivals" if fault == "1" else "inter-node arrivals"
     suite.check(f"{n} PEs, {n // node_size}x{node_size}, algo {algo}"
-                f"{inter_label(inter)}: negative control ({ignored} ignored "
-                "-> wrong results)", body)
+                f"{inter_label(inter)}, {4 * count >> 10} KiB: negative control "
+                f"({ignored} ignored -> wrong results)", body)
 
 
 def main():
@@ -389,9 +389,12 @@ def main():
         for algo in ["auto"] + ALGOS:
             check_negative_control(suite, n, layouts[0], algo)
         if len(layouts) > 1:  # several nodes: the inter-node waits alone
-            for inter in ("auto", "put"):
+            # 4 MiB messages take puts between nodes; 256 KiB ones LL
+            # lines where the partner is reachable (JAX_NVRAR_INTER_NODE).
+            for inter, count in (("auto", 1 << 16), ("auto", 1 << 20),
+                                 ("put", 1 << 20)):
                 check_negative_control(suite, n, layouts[1], fault="2",
-                                       inter=inter)
+                                       inter=inter, count=count)
             check_negative_control(suite, n, layouts[1], "twoshot_ll",
                                    fault="2")
     suite.log(f"{suite.count - len(suite.failures)} passed, "

@@ -216,3 +216,8 @@ def test_pipelined_step_is_e2e_minus_ttft_over_decode_steps():
     report._speedups(rows, {report._key(rows[0]): rows[0]}, {})
     assert rows[1]["e2e_speedup"] == pytest.approx(2.0)
     assert "step_speedup" not in rows[1]
+    # The same for a prediction from such a row, which has no e2e time.
+    preds = [{k: v for k, v in r.items() if k not in ("e2e_ms", "e2e_speedup")}
+             for r in rows]
+    report._speedups(preds, {report._key(preds[0]): preds[0]}, {})
+    assert "e2e_speedup" not in preds[1] and preds[1]["ttft_speedup"] > 0
