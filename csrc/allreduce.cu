@@ -568,8 +568,8 @@ __device__ void twoshot_flag(const Params& p, uint32_t seq, int parity) {
 // sequence number travel: the payload is 100% of the bytes moved, with the
 // one-way latency of LL lines. A payload word equal to kEmpty is sent as 0
 // (scrub): for float32 that is -0.0 sent as +0.0; for 16-bit types only the
-// pair (+0, -0) is affected, sent as (+0, +0). Two-shot and hier_lamport
-// scrub their reduced chunks too, so a result word (+0, -0) comes out
+// pair (+0, -0) is affected, sent as (+0, +0). Two-shot (on one node or
+// several) scrubs its reduced chunks too, so a result word (+0, -0) comes out
 // (+0, +0). The sign of a zero sum can therefore differ from lax.psum's; its
 // value cannot. Every PE reduces the same scrubbed words, so results stay
 // bitwise identical across PEs.
@@ -660,52 +660,6 @@ __device__ void oneshot_lamport(const Params& p, uint32_t seq, int parity) {
   for (int64_t i = tid; i < V; i += nthreads)
     store_vec(p, i, take_sum<T>(mine + i, V, scrub(load_vec(p, i)), p,
                                 kOneShotPhase, seq, i));
-}
-
-// Purpose: two-shot all-reduce on Lamport lines: reduce-scatter (chunk j of
-// every PE goes to local rank j, slot = source), all-gather of the reduced
-// chunks (second half of the region, indexed like the message).
-// Requirement: 2 * G * ceil(vectors / G) fits one parity of the region.
-// Use-case: one node, messages where one-shot moves too many bytes.
-template <typename T>
-__device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
-  const int G = p.node_size, me = p.local_rank;
-  const int64_t V = (p.nbytes + kVec - 1) / kVec;
-  const int64_t C = (V + G - 1) / G;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
-  const int64_t base = parity * p.lp_vecs, gather = base + G * C;
-  for (int64_t i = tid; i < V; i += nthreads) {
-    const int64_t j = i / C;
-    if (j != me)
-      store_vec_remote(p.lp[j] + base + me * C + (i - j * C),
-                       scrub(load_vec(p, i)));
-  }
-  uint4* mine = p.lp[me];
-  const int64_t own = imin(C, V - me * C);
-  for (int64_t t = tid; t < own; t += nthreads) {
-    const uint4 r = scrub(take_sum<T>(mine + base + t, C,
-                                      scrub(load_vec(p, me * C + t)), p,
-                                      kReduceScatter, seq, t));
-    for (int k = 1; k < G; ++k)
-      store_vec_remote(p.lp[(me + k) % G] + gather + me * C + t, r);
-    store_vec(p, me * C + t, r);
-  }
-  auto gathered = [&](int64_t i) { return i < V && i / C != me; };
-  for (int64_t i0 = tid; i0 < V; i0 += kTakeBatch * nthreads) {
-    uint4 early[kTakeBatch];
-#pragma unroll
-    for (int u = 0; u < kTakeBatch; ++u)
-      if (gathered(i0 + u * nthreads))
-        early[u] = load_line(mine + gather + i0 + u * nthreads);
-#pragma unroll
-    for (int u = 0; u < kTakeBatch; ++u) {
-      const int64_t i = i0 + u * nthreads;
-      if (gathered(i))
-        store_vec(p, i, take_vec(mine + gather + i, early[u], p, kAllGather,
-                                 seq, i));
-    }
-  }
 }
 
 // Inter-node phase for this block's slice [lo, hi) of the chunk, whose
@@ -800,15 +754,17 @@ __device__ const uint2* inter_node(const Params& p, uint32_t seq, int parity,
   return region(p.stage, version);
 }
 
-// Purpose: hierarchical all-reduce with Lamport lines on each node: reduce-
-// scatter as twoshot_lamport (chunk j to local rank j, slot = source), the
-// inter-node phase on this block's slice of the chunk, then the all-gather
-// of the group-reduced chunk as twoshot_lamport's.
-// Requirement: 2 * G * ceil(vectors / G) fits one parity of the Lamport
-// region; 2 * ceil(vectors / G) packets fit an inter-node step.
-// Use-case: several nodes, messages where LL lines' 50% payload costs.
-template <typename T>
-__device__ void hier_lamport(const Params& p, uint32_t seq, int parity) {
+// Purpose: two-shot all-reduce on Lamport lines: reduce-scatter (chunk j of
+// every PE goes to local rank j, slot = source), all-gather of the reduced
+// chunks (second half of the region, indexed like the message). With kNodes
+// (N > 1, the hierarchical path) the inter-node phase runs between the two,
+// on each block's slice of the chunk.
+// Requirement: 2 * G * ceil(vectors / G) fits one parity of the region; with
+// kNodes, 2 * ceil(vectors / G) packets fit an inter-node step.
+// Use-case: one node, messages where one-shot moves too many bytes; several
+// nodes, messages where LL lines' 50% payload costs.
+template <typename T, bool kNodes>
+__device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
   const int G = p.node_size, me = p.local_rank;
   const int64_t V = (p.nbytes + kVec - 1) / kVec;
   const int64_t C = (V + G - 1) / G;
@@ -821,27 +777,41 @@ __device__ void hier_lamport(const Params& p, uint32_t seq, int parity) {
       store_vec_remote(p.lp[j] + base + me * C + (i - j * C),
                        scrub(load_vec(p, i)));
   }
-  // This PE's chunk, one contiguous slice of vectors per block (blocks of
-  // equal index on other nodes hold the same slice: the put path pairs them).
   uint4* mine = p.lp[me];
-  const int64_t own = imax(0, imin(C, V - me * C));
-  const int64_t per_block = (own + gridDim.x - 1) / gridDim.x;
-  const int64_t lo = imin(own, int64_t(blockIdx.x) * per_block);
-  const int64_t hi = imin(own, lo + per_block);
-  uint4* stage0 = reinterpret_cast<uint4*>(
-      p.stage + int64_t(parity) * p.regions * p.inter_bytes);
-  for (int64_t t = lo + threadIdx.x; t < hi; t += blockDim.x)
-    stage0[t] = take_sum<T>(mine + base + t, C, scrub(load_vec(p, me * C + t)),
-                            p, kReduceScatter, seq, t);
-  __syncthreads();  // inter_node's threads take packets, not vectors
-  const uint4* reduced = reinterpret_cast<const uint4*>(
-      inter_node<T>(p, seq, parity, 2 * lo, 2 * hi));
-  __syncthreads();
-  for (int64_t t = lo + threadIdx.x; t < hi; t += blockDim.x) {
-    const uint4 r = scrub(__ldcg(reduced + t));
-    for (int k = 1; k < G; ++k)
-      store_vec_remote(p.lp[(me + k) % G] + gather + me * C + t, r);
-    store_vec(p, me * C + t, r);
+  if constexpr (kNodes) {
+    // This PE's chunk, one contiguous slice of vectors per block (blocks of
+    // equal index on other nodes hold the same slice: the put path pairs
+    // them).
+    const int64_t own = imax(0, imin(C, V - me * C));
+    const int64_t per_block = (own + gridDim.x - 1) / gridDim.x;
+    const int64_t lo = imin(own, int64_t(blockIdx.x) * per_block);
+    const int64_t hi = imin(own, lo + per_block);
+    uint4* stage0 = reinterpret_cast<uint4*>(
+        p.stage + int64_t(parity) * p.regions * p.inter_bytes);
+    for (int64_t t = lo + threadIdx.x; t < hi; t += blockDim.x)
+      stage0[t] = take_sum<T>(mine + base + t, C,
+                              scrub(load_vec(p, me * C + t)), p,
+                              kReduceScatter, seq, t);
+    __syncthreads();  // inter_node's threads take packets, not vectors
+    const uint4* reduced = reinterpret_cast<const uint4*>(
+        inter_node<T>(p, seq, parity, 2 * lo, 2 * hi));
+    __syncthreads();
+    for (int64_t t = lo + threadIdx.x; t < hi; t += blockDim.x) {
+      const uint4 r = scrub(__ldcg(reduced + t));
+      for (int k = 1; k < G; ++k)
+        store_vec_remote(p.lp[(me + k) % G] + gather + me * C + t, r);
+      store_vec(p, me * C + t, r);
+    }
+  } else {
+    const int64_t own = imin(C, V - me * C);
+    for (int64_t t = tid; t < own; t += nthreads) {
+      const uint4 r = scrub(take_sum<T>(mine + base + t, C,
+                                        scrub(load_vec(p, me * C + t)), p,
+                                        kReduceScatter, seq, t));
+      for (int k = 1; k < G; ++k)
+        store_vec_remote(p.lp[(me + k) % G] + gather + me * C + t, r);
+      store_vec(p, me * C + t, r);
+    }
   }
   auto gathered = [&](int64_t i) { return i < V && i / C != me; };
   for (int64_t i0 = tid; i0 < V; i0 += kTakeBatch * nthreads) {
@@ -879,11 +849,11 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   const uint4* my_b = p.ll_b[me] + base;
 
   if (p.algo == kHierLamport) {
-    hier_lamport<T>(p, seq, parity);
+    twoshot_lamport<T, true>(p, seq, parity);
   } else if (p.algo == kOneShotLamport) {
     oneshot_lamport<T>(p, seq, parity);
   } else if (p.algo == kTwoShotLamport) {
-    twoshot_lamport<T>(p, seq, parity);
+    twoshot_lamport<T, false>(p, seq, parity);
   } else if (p.algo == kOneShotFlag) {
     oneshot_flag<T>(p, seq, parity);
   } else if (p.algo == kTwoShotFlag) {

@@ -12,6 +12,7 @@ import os
 BACKENDS = ("auto", "xla", "reference", "nvshmem")
 ALGOS = ("auto", "oneshot", "twoshot", "oneshot_ll", "twoshot_ll",
          "oneshot_lamport", "twoshot_lamport")
+INTER_NODE = ("auto", "put")
 
 #: name -> (default, meaning). Defaults are strings, as the environment holds.
 VARIABLES = {

@@ -110,11 +110,7 @@ def _fault_switch() -> int:
 
 def _inter_node_puts() -> bool:
     """$JAX_NVRAR_INTER_NODE: whether every inter-node step uses puts."""
-    mode = _config.get("JAX_NVRAR_INTER_NODE")
-    if mode not in ("auto", "put"):
-        raise ValueError(
-            f"JAX_NVRAR_INTER_NODE={mode!r} is not 'auto' or 'put'")
-    return mode == "put"
+    return _config.get_choice("JAX_NVRAR_INTER_NODE", _config.INTER_NODE) == "put"
 
 
 def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):

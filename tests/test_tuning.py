@@ -211,5 +211,5 @@ def test_inter_node_transport_values(monkeypatch):
     monkeypatch.setenv("JAX_NVRAR_INTER_NODE", "put")
     assert _psum._inter_node_puts() is True
     monkeypatch.setenv("JAX_NVRAR_INTER_NODE", "puts")
-    with pytest.raises(ValueError, match="JAX_NVRAR_INTER_NODE='puts' is not 'auto' or 'put'"):
+    with pytest.raises(ValueError, match="JAX_NVRAR_INTER_NODE='puts' is not one of auto, put"):
         _psum._inter_node_puts()
