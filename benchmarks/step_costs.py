@@ -18,7 +18,10 @@ synchronisation) spread over the calls. Rows:
   * ``VARIANT fused``: as ``xla fused``, with the kernel;
   * ``oneshot_ll nowait``: LL one-shot with JAX_NVRAR_FAULT_INJECT=1 (data
     used without waiting for peers; results wrong): the kernel's cost
-    without its wait.
+    without its wait;
+  * ``empty bare`` and ``empty fused``: JAX_NVRAR_FAULT_INJECT=3, the kernel
+    returning at its first instruction (output unwritten): what the custom
+    call costs in the chain however little its kernel does.
 
 ``--trace`` runs each chain twice more under the profiler and splits rank 0's
 per-call time in the second of those runs (the first absorbs the processes'
@@ -74,7 +77,9 @@ def cases(variants: list[str], kernel_backend: str, nowait: bool) -> list[tuple]
         out += [(f"{variant} bare", kernel_backend, "bare", variant, "0"),
                 (f"{variant} fused", kernel_backend, "fused", variant, "0")]
     if nowait:
-        out.append(("oneshot_ll nowait", kernel_backend, "bare", "oneshot_ll", "1"))
+        out += [("oneshot_ll nowait", kernel_backend, "bare", "oneshot_ll", "1"),
+                ("empty bare", kernel_backend, "bare", "oneshot_lamport", "3"),
+                ("empty fused", kernel_backend, "fused", "oneshot_lamport", "3")]
     return out
 
 
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=VARIANTS, help="kernel variants (comma-separated)")
     p.add_argument("--calls", type=int, default=64, help="calls per chain")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per chain (median)")
-    p.add_argument("--no-nowait", action="store_true", help="skip the fault-switch row")
+    p.add_argument("--no-nowait", action="store_true", help="skip the fault-switch rows")
     p.add_argument("--trace", action="store_true", help="split each row by a device trace")
     p.add_argument("--cpu-devices", type=int, default=2)
     p.add_argument("--json", default=None, help="write the rows here")

@@ -88,7 +88,8 @@
 // fault switch 1 makes the LL, flag and inter-node signal waits return at
 // once and the Lamport reads take what is there before waiting (the wait and
 // emptying still run, so later calls stay clean); switch 2 skips only the
-// inter-node signal waits. Results must then go wrong.
+// inter-node signal waits. Results must then go wrong. Switch 3 makes the
+// kernel return at its first instruction (the cost of the call itself).
 //
 // Grid. Blocks come from the "blocks" attribute (psum's tuning table) or,
 // for 0, from launch_grid's rule; never more than fit on the device at once
@@ -145,7 +146,12 @@ enum Algo : int {
 enum Role : int { kPlain = 0, kFoldReceiver = 1, kFoldSender = 2 };
 enum Phase : int { kOneShotPhase, kReduceScatter, kAllGather, kInterNode };
 // Values of the "fault" attribute (testing only).
-enum Fault : int { kNoFault = 0, kSkipLocalWaits = 1, kSkipRemoteWaits = 2 };
+enum Fault : int {
+  kNoFault = 0,
+  kSkipLocalWaits = 1,
+  kSkipRemoteWaits = 2,
+  kEmptyKernel = 3,  // return at once, output unwritten
+};
 constexpr int64_t kVec = 16;      // bytes of data in one flag-protocol store
 // Largest message whose inter-node steps use LL lines where the partner is
 // reachable; above it, lines' 50% payload costs more than a put's signal
@@ -195,8 +201,8 @@ struct Params {
   int steps;              // recursive-doubling steps
   int step_pe[kMaxSteps];
   int pe;
-  int fault;              // testing only: kSkipLocalWaits or
-                          // kSkipRemoteWaits; results must go wrong
+  int fault;              // testing only: a Fault value; results must
+                          // go wrong
   int64_t timeout_ns;
 };
 
@@ -830,8 +836,12 @@ __device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
   }
 }
 
-template <typename T>
+// One kernel per variant A (an Algo value), so that each gets the registers
+// its own path needs: one kernel for all of them spilled (128 registers, the
+// cap of 512-thread blocks).
+template <typename T, int A>
 __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
+  if (p.fault == kEmptyKernel) return;
   const uint32_t seq =
       *reinterpret_cast<volatile uint32_t*>(&p.header->seq) + 1;
   // Once every block has read the number, the last to arrive advances it
@@ -848,24 +858,25 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   const uint4* my_a = p.ll_a[me] + base;
   const uint4* my_b = p.ll_b[me] + base;
 
-  if (p.algo == kHierLamport) {
+  if constexpr (A == kHierLamport) {
     twoshot_lamport<T, true>(p, seq, parity);
-  } else if (p.algo == kOneShotLamport) {
+  } else if constexpr (A == kOneShotLamport) {
     oneshot_lamport<T>(p, seq, parity);
-  } else if (p.algo == kTwoShotLamport) {
+  } else if constexpr (A == kTwoShotLamport) {
     twoshot_lamport<T, false>(p, seq, parity);
-  } else if (p.algo == kOneShotFlag) {
+  } else if constexpr (A == kOneShotFlag) {
     oneshot_flag<T>(p, seq, parity);
-  } else if (p.algo == kTwoShotFlag) {
+  } else if constexpr (A == kTwoShotFlag) {
     twoshot_flag<T>(p, seq, parity);
-  } else if (p.algo == kOneShotLL) {
+  } else if constexpr (A == kOneShotLL) {
     for (int64_t i = tid; i < P; i += nthreads) {
       const uint2 v = load_packet(p, i);
       for (int j = 0; j < G; ++j) store_line(p.ll_a[j] + base + me * P + i, v, seq);
     }
     for (int64_t i = tid; i < P; i += nthreads)
       store_packet(p, i, reduce_lines<T>(my_a + i, P, seq, p, kOneShotPhase, i));
-  } else {
+  } else {  // kTwoShotLL, on one node or as the hierarchical path
+    static_assert(A == kTwoShotLL, "no kernel for this variant");
     const int64_t C = p.chunk;
     for (int64_t i = tid; i < P; i += nthreads) {
       const int64_t j = i / C;
@@ -1012,7 +1023,7 @@ Grid launch_grid(int algo, int64_t nbytes, int num_nodes) {
 // same index range send, so a block left waiting for an SM that spinning
 // blocks hold could wait until the timeout (e.g. 128 blocks of 512 threads
 // on an H100 PCIe, 114 SMs, one such block per SM at this register count).
-template <typename T>
+template <typename T, int A>
 int resident_blocks(int threads) {
   auto count = [](int t) {
     int device = 0, sms = 0, per_sm = 0;
@@ -1020,7 +1031,7 @@ int resident_blocks(int threads) {
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) !=
             cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, allreduce_kernel<T>, t, 0) != cudaSuccess) {
+            &per_sm, allreduce_kernel<T, A>, t, 0) != cudaSuccess) {
       cudaGetLastError();  // clear it: the launch check reads the last error
       return -1;
     }
@@ -1193,6 +1204,23 @@ ffi::ErrorOr<const Plan*> find_plan(const Runtime& rt,
   return last.plan;
 }
 
+// Launches variant A's kernel on at most the blocks that fit at once.
+template <typename T, int A>
+ffi::Error start(cudaStream_t stream, Grid grid, const Params& p) {
+  const int resident = resident_blocks<T, A>(grid.threads);
+  if (resident < 1)
+    return ffi::Error::Internal(
+        "jax_nvrar: cannot query how many blocks of the kernel fit on the "
+        "device (cudaOccupancyMaxActiveBlocksPerMultiprocessor failed)");
+  grid.blocks = std::min(grid.blocks, resident);
+  allreduce_kernel<T, A><<<grid.blocks, grid.threads, 0, stream>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jax_nvrar: kernel launch failed: ") +
+                                cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
 template <typename T>
 ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
                   void* out, int64_t nbytes, int64_t algo, int64_t blocks,
@@ -1204,9 +1232,9 @@ ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
   p.nbytes = nbytes;
   p.packets = (nbytes + kPayload - 1) / kPayload;
   p.chunk = (p.packets + G - 1) / G;
-  if (fault != kNoFault && fault != kSkipLocalWaits && fault != kSkipRemoteWaits)
+  if (fault < kNoFault || fault > kEmptyKernel)
     return ffi::Error::InvalidArgument(
-        "jax_nvrar: fault switch " + std::to_string(fault) + " is not 0, 1 or 2");
+        "jax_nvrar: fault switch " + std::to_string(fault) + " is not 0, 1, 2 or 3");
   p.fault = int(fault);
   if (puts || nbytes > kInterLinesMaxBytes) {  // every step through puts
     std::fill(p.peer_recv, p.peer_recv + kMaxSteps, nullptr);
@@ -1220,18 +1248,18 @@ ffi::Error launch(cudaStream_t stream, const Plan& plan, const void* in,
   p.algo = pick_variant(p, G, N, int(algo));
   Grid grid = launch_grid(p.algo, nbytes, N);
   if (blocks > 0) grid.blocks = int(std::min<int64_t>(blocks, kMaxBlocks));
-  const int resident = resident_blocks<T>(grid.threads);
-  if (resident < 1)
-    return ffi::Error::Internal(
-        "jax_nvrar: cannot query how many blocks of the kernel fit on the "
-        "device (cudaOccupancyMaxActiveBlocksPerMultiprocessor failed)");
-  grid.blocks = std::min(grid.blocks, resident);
-  allreduce_kernel<T><<<grid.blocks, grid.threads, 0, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return ffi::Error::Internal(std::string("jax_nvrar: kernel launch failed: ") +
-                                cudaGetErrorString(err));
-  return ffi::Error::Success();
+  switch (p.algo) {
+    case kOneShotLL: return start<T, kOneShotLL>(stream, grid, p);
+    case kTwoShotLL: return start<T, kTwoShotLL>(stream, grid, p);
+    case kOneShotFlag: return start<T, kOneShotFlag>(stream, grid, p);
+    case kTwoShotFlag: return start<T, kTwoShotFlag>(stream, grid, p);
+    case kOneShotLamport: return start<T, kOneShotLamport>(stream, grid, p);
+    case kTwoShotLamport: return start<T, kTwoShotLamport>(stream, grid, p);
+    case kHierLamport: return start<T, kHierLamport>(stream, grid, p);
+    default:
+      return ffi::Error::InvalidArgument(
+          "jax_nvrar: algo " + std::to_string(p.algo) + " names no kernel variant");
+  }
 }
 
 ffi::Error allreduce(cudaStream_t stream, ffi::AnyBuffer x,

@@ -53,7 +53,9 @@ VARIABLES = {
         "0", "testing only: 1 makes the kernel use data without waiting for "
              "it to arrive, 2 only data from other nodes (inter-node lines "
              "and signals), so results must go wrong (the GPU suite's negative "
-             "controls)"),
+             "controls); 3 makes the kernel return at its first instruction, "
+             "leaving the output unwritten (the cost of the call itself, "
+             "benchmarks/step_costs.py)"),
     "JAX_NVRAR_AUTO_MAX_KB": (
         "4096", "backend='auto' uses the kernel on one node up to this "
                 "message size (KiB) and XLA's psum above it (the measured "

@@ -100,11 +100,11 @@ def _kernel_variant(algo: str, nbytes: int, node_size: int,
 
 
 def _fault_switch() -> int:
-    """$JAX_NVRAR_FAULT_INJECT: 0, 1 (no wait for any data) or 2 (none for
-    data from other nodes); testing only."""
+    """$JAX_NVRAR_FAULT_INJECT: 0, 1 (no wait for any data), 2 (none for
+    data from other nodes) or 3 (the kernel returns at once); testing only."""
     fault = _config.get_number("JAX_NVRAR_FAULT_INJECT")
-    if fault > 2:
-        raise ValueError(f"JAX_NVRAR_FAULT_INJECT={fault} is not 0, 1 or 2")
+    if fault > 3:
+        raise ValueError(f"JAX_NVRAR_FAULT_INJECT={fault} is not 0, 1, 2 or 3")
     return fault
 
 

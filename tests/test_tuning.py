@@ -196,11 +196,11 @@ def test_tune_refuses_times_that_are_not_measurements(tmp_path):
 
 def test_fault_switch_values(monkeypatch):
     from jax_nvrar import _psum
-    for value in ("0", "1", "2"):
+    for value in ("0", "1", "2", "3"):
         monkeypatch.setenv("JAX_NVRAR_FAULT_INJECT", value)
         assert _psum._fault_switch() == int(value)
-    monkeypatch.setenv("JAX_NVRAR_FAULT_INJECT", "3")
-    with pytest.raises(ValueError, match="JAX_NVRAR_FAULT_INJECT=3 is not 0, 1 or 2"):
+    monkeypatch.setenv("JAX_NVRAR_FAULT_INJECT", "4")
+    with pytest.raises(ValueError, match="JAX_NVRAR_FAULT_INJECT=4 is not 0, 1, 2 or 3"):
         _psum._fault_switch()
 
 
