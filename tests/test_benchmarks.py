@@ -395,3 +395,56 @@ def test_step_profile_functional_run(tmp_path):
     assert not any("profiler.py" in span for _, span in spans)
     report = (tmp_path / "p.md").read_text()
     assert "# Decode step profile: tiny" in report and "## Host: largest spans" in report
+
+
+# --------------------------------------------------------------------------
+# floor.py
+# --------------------------------------------------------------------------
+
+def _sweep(fault: str, points: dict) -> dict:
+    """An allreduce.py payload: points (backend, layout, size) -> time_us."""
+    results = [{"backend": b, "layout": layout, "size": size, "time_us": t, "status": "ok",
+                "dtype": "bfloat16", "nproc": math.prod(int(v) for v in layout.split("x"))}
+               for (b, layout, size), t in points.items()]
+    return {"kind": H.MEASURED, "results": results,
+            "env": {"command": "allreduce.py", "env": {"JAX_NVRAR_FAULT_INJECT": fault}}}
+
+
+def test_floor_formulas_and_verdicts(tmp_path):
+    import floor
+    links = {"device": "GPU", "latency": [{"one_way_us": 0.5}, {"one_way_us": 2.0}],
+             "bandwidth": [{"gbps_per_sender": 100.0}, {"gbps_per_sender": 400.0}]}
+    assert floor.link_figures(links) == (0.5, 400e3)
+    S = 1 << 20
+    one, algo = floor.data_floor(4096, 1, 4, 0.5, 400e3)
+    assert algo == "one-shot" and one == pytest.approx(0.5 + 3 * 4096 / 400e3)
+    two, algo = floor.data_floor(S, 1, 4, 0.5, 400e3)
+    assert algo == "two-shot" and two == pytest.approx(1.0 + 1.5 * S / 400e3)
+    hier, algo = floor.data_floor(S, 2, 2, 0.5, 400e3)
+    assert algo == "hierarchical" and hier == pytest.approx(1.5 + (S + S / 2) / 400e3)
+
+    paths = {}
+    for name, payload in {
+        "links": links,
+        "empty": _sweep("3", {("nvshmem", "1x4", 4096): 4.0, ("nvshmem", "1x4", S): 6.0}),
+        "measured": _sweep("0", {("nvshmem", "1x4", 4096): 5.0, ("xla", "1x4", 4096): 20.0,
+                                 ("nvshmem", "1x4", S): 16.0, ("xla", "1x4", S): 24.0}),
+    }.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(payload))
+    argv = ["--links", str(paths["links"]), "--empty", str(paths["empty"]),
+            "--measured", str(paths["measured"]), "--out-dir", str(tmp_path)]
+    assert floor.main(argv) == 0
+    rows = {r["size"]: r for r in json.loads((tmp_path / "floor.json").read_text())["rows"]}
+    small, large = rows[4096], rows[S]
+    assert small["bound_us"] == pytest.approx(4.0 + one)
+    assert small["targets"] == [{"target": "<= 6 us", "us": 6.0, "reachable": True, "met": True}]
+    assert large["bound_us"] == pytest.approx(6.0 + two)  # 10.98 us
+    # 2.5x of 24 us = 9.6 us lies below the bound: out of reach, not met.
+    assert large["targets"] == [{"target": "2.5x", "us": 9.6, "reachable": False, "met": False}]
+    assert "out of reach" in (tmp_path / "floor.md").read_text()
+
+    # The sweeps must be what their flag says.
+    with pytest.raises(SystemExit, match="JAX_NVRAR_FAULT_INJECT=0"):
+        floor.main(["--links", str(paths["links"]), "--empty", str(paths["measured"]),
+                    "--measured", str(paths["measured"])])
