@@ -55,7 +55,7 @@ VARIABLES = {
              "and signals), so results must go wrong (the GPU suite's negative "
              "controls); 3 makes the kernel return at its first instruction, "
              "leaving the output unwritten (the cost of the call itself, "
-             "benchmarks/step_costs.py)"),
+             "benchmarks/floor.py)"),
     "JAX_NVRAR_AUTO_MAX_KB": (
         "4096", "backend='auto' uses the kernel on one node up to this "
                 "message size (KiB) and XLA's psum above it (the measured "
