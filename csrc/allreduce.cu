@@ -508,6 +508,37 @@ __device__ __forceinline__ uint2 reduce_lines(const uint4* src, int64_t stride,
   return Lanes<T>::pack(acc);
 }
 
+// ------------------------------------------------------------------- tracing
+//
+// Built with -DJAX_NVRAR_TRACE (JAX_NVRAR_NVCC_FLAGS), block 0's thread 0
+// records the global timer (ns) at marks of every launch: kernel entry, its
+// sends issued, its last wait over, exit (the middle two in the Lamport
+// variants only; 0 elsewhere). The exit writes them, after the call's
+// sequence number, into row seq % kTraceCalls of a device ring that
+// trace_rows() copies out: where a call's time goes, per GPU
+// (benchmarks/kernel_trace.py). Off by default, and then compiled out.
+
+enum TraceMark : int { kEntry = 0, kSent = 1, kWaited = 2, kExit = 3 };
+#ifdef JAX_NVRAR_TRACE
+constexpr int kTraceMarks = 4;
+constexpr int kTraceCalls = 1 << 14;
+__device__ uint64_t g_trace[kTraceCalls][1 + kTraceMarks];
+__shared__ uint64_t s_trace[kTraceMarks];
+__device__ __forceinline__ void trace(TraceMark mark) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) s_trace[mark] = now_ns();
+}
+__device__ __forceinline__ void trace_store(uint32_t seq) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  trace(kExit);
+  uint64_t* row = g_trace[seq % kTraceCalls];
+  row[0] = seq;
+  for (int k = 0; k < kTraceMarks; ++k) row[1 + k] = s_trace[k];
+}
+#else
+__device__ __forceinline__ void trace(TraceMark) {}
+__device__ __forceinline__ void trace_store(uint32_t) {}
+#endif
+
 // -------------------------------------------------------------------- kernel
 
 // Purpose: one-shot all-reduce with flag lines.
@@ -662,10 +693,12 @@ __device__ void oneshot_lamport(const Params& p, uint32_t seq, int parity) {
       store_vec_remote(p.lp[j] + base + me * V + i, v);
     }
   }
+  trace(kSent);
   uint4* mine = p.lp[me] + base;
   for (int64_t i = tid; i < V; i += nthreads)
     store_vec(p, i, take_sum<T>(mine + i, V, scrub(load_vec(p, i)), p,
                                 kOneShotPhase, seq, i));
+  trace(kWaited);
 }
 
 // Inter-node phase for this block's slice [lo, hi) of the chunk, whose
@@ -783,6 +816,7 @@ __device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
       store_vec_remote(p.lp[j] + base + me * C + (i - j * C),
                        scrub(load_vec(p, i)));
   }
+  trace(kSent);
   uint4* mine = p.lp[me];
   if constexpr (kNodes) {
     // This PE's chunk, one contiguous slice of vectors per block (blocks of
@@ -834,6 +868,7 @@ __device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
                                  seq, i));
     }
   }
+  trace(kWaited);
 }
 
 // One kernel per variant A (an Algo value), so that each gets the registers
@@ -842,6 +877,10 @@ __device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
 template <typename T, int A>
 __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   if (p.fault == kEmptyKernel) return;
+#ifdef JAX_NVRAR_TRACE
+  if (blockIdx.x == 0 && threadIdx.x < kTraceMarks) s_trace[threadIdx.x] = 0;
+#endif
+  trace(kEntry);
   const uint32_t seq =
       *reinterpret_cast<volatile uint32_t*>(&p.header->seq) + 1;
   // Once every block has read the number, the last to arrive advances it
@@ -916,6 +955,7 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   }
 
   if (threadIdx.x == 0 && p.puts) nvshmem_quiet();
+  trace_store(seq);
   if (threadIdx.x == 0 && ticket == gridDim.x - 1) {
     __threadfence();  // acquire: every block has read the old number
     p.header->blocks_done = 0;
@@ -1322,6 +1362,18 @@ size_t max_message_bytes(size_t slot_bytes, int node_size, int num_nodes) {
         (inter_capacity(layout.inter_step_bytes(inter_regions(num_nodes))) - 1) *
             node_size);
   return size_t(std::max<int64_t>(0, packets) * kPayload / 256 * 256);
+}
+
+bool trace_rows(std::vector<uint64_t>* rows) {
+#ifdef JAX_NVRAR_TRACE
+  rows->assign(size_t(kTraceCalls) * (1 + kTraceMarks), 0);
+  return cudaDeviceSynchronize() == cudaSuccess &&
+         cudaMemcpyFromSymbol(rows->data(), g_trace,
+                              rows->size() * sizeof(uint64_t)) == cudaSuccess;
+#else
+  rows->clear();
+  return false;
+#endif
 }
 
 }  // namespace jax_nvrar

@@ -35,6 +35,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("max_message_bytes", &jax_nvrar::max_message_bytes,
         py::arg("slot_bytes"), py::arg("node_size"), py::arg("num_nodes"),
         "Largest message one kernel launch reduces");
+  m.def("trace_rows", [] {
+    std::vector<uint64_t> rows;
+    if (!jax_nvrar::trace_rows(&rows))
+      throw std::runtime_error(
+          "jax_nvrar: no kernel trace: build with "
+          "JAX_NVRAR_NVCC_FLAGS=-DJAX_NVRAR_TRACE=1 (or the copy failed)");
+    return rows;
+  }, "The kernel's trace ring, flattened rows (seq, entry, sent, waited, exit)");
   m.def("ffi_targets", [] {
     py::dict targets;
     targets["nvrar_allreduce"] =

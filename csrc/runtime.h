@@ -63,5 +63,9 @@ void finalize();
 int device_count();
 // Drops the all-reduce plans, which point into the workspace.
 void forget_plans();
+// The kernel's trace ring (rows of the sequence number, then the global
+// timer at entry, sends issued, last wait over, exit); false where the
+// extension was built without -DJAX_NVRAR_TRACE or the copy failed.
+bool trace_rows(std::vector<uint64_t>* rows);
 
 }  // namespace jax_nvrar
