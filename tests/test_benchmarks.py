@@ -448,3 +448,41 @@ def test_floor_formulas_and_verdicts(tmp_path):
     with pytest.raises(SystemExit, match="JAX_NVRAR_FAULT_INJECT=0"):
         floor.main(["--links", str(paths["links"]), "--empty", str(paths["measured"]),
                     "--measured", str(paths["measured"])])
+
+
+# --------------------------------------------------------------------------
+# kernel_trace.py (its arithmetic; the trace itself needs a traced GPU build)
+# --------------------------------------------------------------------------
+
+def test_kernel_trace_parts():
+    import numpy as np
+    import kernel_trace as kt
+    # seq, entry, sent, waited, exit (ns); calls 5-7 of one run, 9 after a run break,
+    # 3 from before the timed runs; call 8 is missing.
+    rows = np.array([[3, 10, 11, 12, 13],
+                     [5, 1000, 2500, 4000, 4060],
+                     [6, 7000, 8600, 9900, 9960],
+                     [7, 13000, 14500, 16000, 16060],
+                     [9, 900000, 901500, 903000, 903060],
+                     [0, 0, 0, 0, 0]], dtype=np.int64)
+    parts = kt.call_parts(rows, first_seq=4)
+    assert parts[:, 0].tolist() == [5, 6, 7, 9]
+    assert parts[:, 5].tolist() == [7000, 13000, -1, -1]  # 7 -> 8 and 9 have no next call
+    entry_sent, sent_waited, waited_exit, gap, spread = kt.medians(
+        parts, np.array([0.0, 2000.0]), run_gap_ns=50_000)
+    assert entry_sent == pytest.approx(1.5)       # 1500, 1600, 1500, 1500 ns
+    assert sent_waited == pytest.approx(1.5)      # 1500, 1300, 1500, 1500
+    assert waited_exit == pytest.approx(0.06)
+    assert gap == pytest.approx(2.99)             # 2940 and 3040 ns; the run break is out
+    assert spread == pytest.approx(1.0)
+    # Variants without the middle marks: those parts are NaN, the gap still counts.
+    bare = parts.copy()
+    bare[:, 2:4] = 0
+    assert all(math.isnan(v) for v in kt.medians(bare, np.zeros(1), 50_000)[:3])
+
+
+def test_kernel_trace_entry_spread_single_process():
+    import numpy as np
+    import kernel_trace as kt
+    entries = np.array([(1 << 31) - 5, (1 << 31) + 7, 3 << 40], dtype=np.int64)
+    assert kt.entry_spread(entries, 0).tolist() == [0.0, 0.0, 0.0]
