@@ -280,6 +280,17 @@ def finalize() -> None:
     _C.finalize()
 
 
+def trace_rows() -> list[tuple[int, ...]]:
+    """The kernel's trace ring (csrc/allreduce.cu, "tracing"): rows of
+    (sequence number, entry, sends issued, last wait over, exit), global
+    timer in ns, for benchmarks/kernel_trace.py. RuntimeError unless the
+    extension was built with -DJAX_NVRAR_TRACE."""
+    if _C is None:
+        raise RuntimeError(extension_error())
+    flat = _C.trace_rows()
+    return [tuple(flat[i:i + 5]) for i in range(0, len(flat), 5)]
+
+
 def node_size() -> int | None:
     """PEs on this process's physical node, or None before initialize()."""
     state = _Runtime.state

@@ -181,3 +181,13 @@ def test_a_problem_in_one_process_reaches_every_process():
     store = _Store()
     store.values = {"jax_nvrar/devices/1": "ok"}
     assert _runtime._problems_anywhere(store, 0, 2, "", "devices", 1000) == ""
+
+
+def test_trace_rows_says_how_to_get_a_trace(monkeypatch):
+    # Built without -DJAX_NVRAR_TRACE (the default), or without the extension:
+    # either way an error that says what is missing, not an empty trace.
+    with pytest.raises(RuntimeError, match="JAX_NVRAR_TRACE|not built"):
+        _runtime.trace_rows()
+    monkeypatch.setattr(_runtime, "_C", None)
+    with pytest.raises(RuntimeError, match="not built"):
+        _runtime.trace_rows()
