@@ -37,6 +37,7 @@ kernel is above the bound.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -179,7 +180,6 @@ def main(argv=None) -> int:
     p.add_argument("--allow-test-input", action="store_true",
                    help="accept sweeps that are not GPU measurements (tests)")
     args = p.parse_args(argv)
-    import json
     links = json.loads(Path(args.links).read_text())
     use = "a bound needs GPU measurements"
     empties = [H.load_measurement(f, allow_test_input=args.allow_test_input, use=use)

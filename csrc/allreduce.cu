@@ -527,6 +527,11 @@ __shared__ uint64_t s_trace[kTraceMarks];
 __device__ __forceinline__ void trace(TraceMark mark) {
   if (blockIdx.x == 0 && threadIdx.x == 0) s_trace[mark] = now_ns();
 }
+// Clears the marks a variant may not set, and marks the entry.
+__device__ __forceinline__ void trace_begin() {
+  if (blockIdx.x == 0 && threadIdx.x < kTraceMarks) s_trace[threadIdx.x] = 0;
+  trace(kEntry);
+}
 __device__ __forceinline__ void trace_store(uint32_t seq) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   trace(kExit);
@@ -536,6 +541,7 @@ __device__ __forceinline__ void trace_store(uint32_t seq) {
 }
 #else
 __device__ __forceinline__ void trace(TraceMark) {}
+__device__ __forceinline__ void trace_begin() {}
 __device__ __forceinline__ void trace_store(uint32_t) {}
 #endif
 
@@ -877,10 +883,7 @@ __device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
 template <typename T, int A>
 __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
   if (p.fault == kEmptyKernel) return;
-#ifdef JAX_NVRAR_TRACE
-  if (blockIdx.x == 0 && threadIdx.x < kTraceMarks) s_trace[threadIdx.x] = 0;
-#endif
-  trace(kEntry);
+  trace_begin();
   const uint32_t seq =
       *reinterpret_cast<volatile uint32_t*>(&p.header->seq) + 1;
   // Once every block has read the number, the last to arrive advances it
