@@ -680,6 +680,28 @@ __device__ __forceinline__ uint4 take_sum(uint4* slots, int64_t stride,
 
 constexpr int kTakeBatch = 4;  // all-gather vectors a thread loads at once
 
+// For i = start, start + stride, ... below end where valid(i): loads the
+// 16-byte word src[i] of kTakeBatch such i, then calls use(i, loaded) for
+// each, so that a thread's loads are in flight together before it waits on
+// any (use waits, from the loaded value).
+template <typename Valid, typename Use>
+__device__ __forceinline__ void batched(const uint4* src, int64_t start,
+                                        int64_t end, int64_t stride,
+                                        Valid valid, Use use) {
+  for (int64_t i0 = start; i0 < end; i0 += kTakeBatch * stride) {
+    uint4 first[kTakeBatch];
+#pragma unroll
+    for (int u = 0; u < kTakeBatch; ++u)
+      if (i0 + u * stride < end && valid(i0 + u * stride))
+        first[u] = load_line(src + i0 + u * stride);
+#pragma unroll
+    for (int u = 0; u < kTakeBatch; ++u) {
+      const int64_t i = i0 + u * stride;
+      if (i < end && valid(i)) use(i, first[u]);
+    }
+  }
+}
+
 // Purpose: one-shot all-reduce on Lamport lines: each PE stores its whole
 // (scrubbed) input into every peer's region, slot `me`; each PE sums the G
 // inputs in local-rank order, its own read again from its input.
@@ -766,17 +788,10 @@ __device__ const uint2* inter_node(const Params& p, uint32_t seq, int parity,
       return;
     }
     const uint4* got = reinterpret_cast<const uint4*>(p.recv + offset(step));
-    for (int64_t i0 = lo + threadIdx.x; i0 < hi; i0 += kTakeBatch * blockDim.x) {
-      uint4 first[kTakeBatch];
-#pragma unroll
-      for (int u = 0; u < kTakeBatch; ++u)
-        if (i0 + u * blockDim.x < hi) first[u] = load_line(got + i0 + u * blockDim.x);
-#pragma unroll
-      for (int u = 0; u < kTakeBatch; ++u) {
-        const int64_t i = i0 + u * blockDim.x;
-        if (i < hi) take(i, wait_line(got + i, first[u], seq, p, kInterNode, i));
-      }
-    }
+    batched(got, lo + threadIdx.x, hi, blockDim.x, [](int64_t) { return true; },
+            [&](int64_t i, uint4 first) {
+              take(i, wait_line(got + i, first, seq, p, kInterNode, i));
+            });
   };
 
   if (p.role == kFoldSender) {
@@ -859,21 +874,12 @@ __device__ void twoshot_lamport(const Params& p, uint32_t seq, int parity) {
       store_vec(p, me * C + t, r);
     }
   }
-  auto gathered = [&](int64_t i) { return i < V && i / C != me; };
-  for (int64_t i0 = tid; i0 < V; i0 += kTakeBatch * nthreads) {
-    uint4 early[kTakeBatch];
-#pragma unroll
-    for (int u = 0; u < kTakeBatch; ++u)
-      if (gathered(i0 + u * nthreads))
-        early[u] = load_line(mine + gather + i0 + u * nthreads);
-#pragma unroll
-    for (int u = 0; u < kTakeBatch; ++u) {
-      const int64_t i = i0 + u * nthreads;
-      if (gathered(i))
-        store_vec(p, i, take_vec(mine + gather + i, early[u], p, kAllGather,
-                                 seq, i));
-    }
-  }
+  batched(mine + gather, tid, V, nthreads,
+          [&](int64_t i) { return i / C != me; },
+          [&](int64_t i, uint4 early) {
+            store_vec(p, i, take_vec(mine + gather + i, early, p, kAllGather,
+                                     seq, i));
+          });
   trace(kWaited);
 }
 
@@ -943,18 +949,10 @@ __global__ void __launch_bounds__(kThreads) allreduce_kernel(const Params p) {
                                                 kReduceScatter, i);
       for (int j = 0; j < G; ++j) store_line(p.ll_b[j] + base + me * C + i, v, seq);
     }
-    for (int64_t i0 = tid; i0 < P; i0 += kTakeBatch * nthreads) {
-      uint4 first[kTakeBatch];
-#pragma unroll
-      for (int u = 0; u < kTakeBatch; ++u)
-        if (i0 + u * nthreads < P) first[u] = load_line(my_b + i0 + u * nthreads);
-#pragma unroll
-      for (int u = 0; u < kTakeBatch; ++u) {
-        const int64_t i = i0 + u * nthreads;
-        if (i < P)
-          store_packet(p, i, wait_line(my_b + i, first[u], seq, p, kAllGather, i));
-      }
-    }
+    batched(my_b, tid, P, nthreads, [](int64_t) { return true; },
+            [&](int64_t i, uint4 first) {
+              store_packet(p, i, wait_line(my_b + i, first, seq, p, kAllGather, i));
+            });
   }
 
   if (threadIdx.x == 0 && p.puts) nvshmem_quiet();
