@@ -243,7 +243,8 @@ def device_env() -> dict:
 # --------------------------------------------------------------------------
 
 def time_runs(fn: Callable, args: Sequence, *, warmup: int, repeats: int,
-              barrier: Callable[[], None] | None = None):
+              barrier: Callable[[], None] | None = None,
+              keep: Callable | None = None):
     """Wall time of ``fn(*args)`` to completion, ``repeats`` times after
     ``warmup`` untimed runs. ``fn`` is a compiled program doing many
     operations, so host dispatch is amortised over them. ``barrier`` (if
@@ -252,21 +253,29 @@ def time_runs(fn: Callable, args: Sequence, *, warmup: int, repeats: int,
     own collectives. A barrier before every run would put the ranks' start
     skew (tens of microseconds) into every measurement.
 
-    Returns (seconds per run, outputs of every run incl. warm-up).
+    Each run's output is dropped before the next run starts, so that every
+    run can write the same device buffers: a live output puts the next
+    run's output at another address, and XLA then updates the command
+    buffers that write it. ``keep`` (if given) maps each output, after its
+    timing, to what is returned for it (a host copy, say).
+
+    Returns (seconds per run, ``keep(output)`` of every run incl. warm-up,
+    or None each without ``keep``).
     """
     import jax
 
-    outputs, times = [], []
+    kept, times = [], []
     for i in range(warmup + repeats):
         if barrier is not None and i == warmup:
             barrier()
         start = time.perf_counter()
         out = jax.block_until_ready(fn(*args))
         elapsed = time.perf_counter() - start
-        outputs.append(out)
+        kept.append(None if keep is None else keep(out))
+        del out
         if i >= warmup:
             times.append(elapsed)
-    return times, outputs
+    return times, kept
 
 
 def gather_rows(row: Sequence[float]):

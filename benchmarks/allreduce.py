@@ -57,10 +57,15 @@ Method (nccl-tests, adapted to a compiled program)
      rank-dependent so XLA cannot prove it replicated and fold the
      all-reduce into a multiply. Each step adds one fused elementwise kernel
      (the same for every backend), included in the time.
-  3. Compile, ``--warmup`` runs, then ``--repeats`` timed runs, each after a
-     barrier. time per call = run time / calls; for each run the slowest
-     rank; the median over runs. #wrong = mismatching elements summed over
-     ranks, worst run (warm-up included).
+  3. Compile, ``--warmup`` runs, one barrier, then ``--repeats`` timed runs
+     back to back (each run's output dropped before the next starts, so
+     XLA's command buffers keep their addresses). time per call = run time
+     / calls; for each run the slowest rank; the median over runs. A run
+     also pays a fixed cost (dispatch, completion, the ranks' start skew:
+     0.2-0.6 ms on 2 H200s), so ``steps`` comes from ``--target-ms``
+     (runs of ~40 ms, at most 2048 calls): that cost then adds at most
+     about 0.5 us per call up to 2 MB. #wrong = mismatching elements summed
+     over ranks, worst run (warm-up included).
   4. algbw = bytes / time, busbw = algbw * 2(n-1)/n, speedup = XLA psum's
      time / this time (same dtype, size and GPU count).
   5. Link bandwidth, once per group size: 4n + 1 chained ``lax.ppermute``
@@ -362,7 +367,7 @@ def parse_args(argv=None):
                         "(default GPU 32, CPU 1): a loop iteration costs a "
                         "host round trip, and unrolled calls can be "
                         "recorded into one XLA command buffer")
-    p.add_argument("--target-ms", type=float, default=2.0,
+    p.add_argument("--target-ms", type=float, default=40.0,
                    help="aim for runs this long when choosing steps")
     p.add_argument("--steps", type=int, default=0,
                    help="chained calls per program (0: from --target-ms)")
