@@ -178,6 +178,27 @@ def test_harness_units():
         H.parse_sizes("4Q")
 
 
+def test_time_runs_keeps_no_output_alive():
+    import weakref
+
+    class Out:  # stands for a run's device output
+        pass
+
+    made = []
+
+    def run(v):
+        out = Out()
+        out.v = v
+        made.append(weakref.ref(out))
+        return out
+
+    times, kept = H.time_runs(run, (7,), warmup=1, repeats=2, keep=lambda out: out.v)
+    assert len(times) == 2 and kept == [7, 7, 7]
+    # A live output would move the next run's output (XLA then updates its command buffers).
+    assert len(made) == 3 and all(ref() is None for ref in made)
+    assert H.time_runs(run, (1,), warmup=0, repeats=1)[1] == [None]
+
+
 def test_reports_name_the_workers_xla_flags():
     # decode.py keeps each group's device info flat, allreduce.py under "device"; CPU runs say none.
     mode = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
