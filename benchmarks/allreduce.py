@@ -63,8 +63,8 @@ Method (nccl-tests, adapted to a compiled program)
      / calls; for each run the slowest rank; the median over runs. A run
      also pays a fixed cost (dispatch, completion, the ranks' start skew:
      0.2-0.6 ms on 2 H200s), so ``steps`` comes from ``--target-ms``
-     (runs of ~40 ms, at most 2048 calls): that cost then adds at most
-     about 0.5 us per call up to 2 MB. #wrong = mismatching elements summed
+     (runs estimated at ~40 ms, at most 2048 steps): that cost then adds
+     at most about 0.5 us per call up to 2 MB. #wrong = mismatching elements summed
      over ranks, worst run (warm-up included).
   4. algbw = bytes / time, busbw = algbw * 2(n-1)/n, speedup = XLA psum's
      time / this time (same dtype, size and GPU count).
