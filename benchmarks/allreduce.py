@@ -364,9 +364,9 @@ def parse_args(argv=None):
                    help="untimed runs first (default 2, CPU 1)")
     p.add_argument("--unroll", type=int, default=None,
                    help="chained calls unrolled per fori_loop iteration "
-                        "(default GPU 32, CPU 1): a loop iteration costs a "
-                        "host round trip, and unrolled calls can be "
-                        "recorded into one XLA command buffer")
+                        "(default GPU 32, CPU 1): the host launches each "
+                        "iteration's command buffer, which records the "
+                        "unrolled calls")
     p.add_argument("--target-ms", type=float, default=40.0,
                    help="aim for runs this long when choosing steps")
     p.add_argument("--steps", type=int, default=0,
