@@ -1,7 +1,7 @@
 """Start one process per GPU and run a JAX program in each, in the spirit of torchrun.
 
     python -m jax_nvrar.launch --nproc-per-node 4 train.py --lr 3e-4
-    python -m jax_nvrar.launch --nproc-per-node 4 -m models.decode --preset tiny
+    python -m jax_nvrar.launch --nproc-per-node 4 -m models.decode --model llama3.1-8b --tp 4
     # two nodes: the same command on each, with that node's --node-rank
     python -m jax_nvrar.launch --nnodes 2 --node-rank 0 --coordinator node0:29500 train.py
 
@@ -289,11 +289,14 @@ def _worker(argv: list[str]) -> int:
 # Launcher side
 # --------------------------------------------------------------------------------------------------
 
+EXAMPLE = "--nproc-per-node 4 -m models.decode --model llama3.1-8b --tp 4"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jax_nvrar.launch",
         description="Run a JAX program as one process per GPU, with jax.distributed initialized.",
-        epilog="Example: python -m jax_nvrar.launch --nproc-per-node 4 -m models.decode --preset tiny")
+        epilog=f"Example: python -m jax_nvrar.launch {EXAMPLE}")
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="processes on this node (default: number of visible GPUs)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default: 1)")

@@ -103,11 +103,11 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help="preset name (see models/config.py) or checkpoint folder")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all devices)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size; None: all devices")
     p.add_argument("--allreduce", choices=ALLREDUCES, default="nvrar",
                    help="nvrar: jax_nvrar.psum (backend auto); reference: its pure-JAX schedule; "
                         "xla: jax.lax.psum")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="prompts generated together")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (random ids when no --prompt)")
     p.add_argument("--ragged", action="store_true", help="random prompt lengths in [prompt-len/2, prompt-len]")
     p.add_argument("--prompt", action="append", default=None,
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of random weights, prompts and sampling")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices when running on CPU")
+    p.add_argument("--cpu-devices", type=int, default=8, help="simulated devices when running on CPU (at least --tp)")
     p.add_argument("--no-warmup", action="store_true", help="time the first (compiling) run")
     p.add_argument("--compare-with", default="",
                    help=f"comma list of other all-reduces ({', '.join(ALLREDUCES)}) that generate the "

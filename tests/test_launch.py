@@ -302,3 +302,14 @@ def test_free_port_is_outside_the_ephemeral_range_and_bindable():
     assert low <= 10000 or 10000 <= port < low
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", port))  # free on every address, as the coordinator binds it
+
+
+def test_help_example_is_a_valid_command():
+    # The example in --help starts models.decode with arguments it takes.
+    from models.decode import parse_args
+
+    args = launch.EXAMPLE.split()
+    module = args.index("-m") + 1
+    assert args[module] == "models.decode"
+    assert parse_args(args[module + 1:]).model == "llama3.1-8b"
+    assert launch._parser().epilog.endswith(f"launch {launch.EXAMPLE}")
