@@ -68,6 +68,18 @@ VARIABLES = {
 }
 
 
+#: NVLink multicast stays off (NVSHMEM's NVLS, NCCL's NVLS algorithms)
+#: unless the user set these.
+NVLINK_MULTICAST_OFF = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0"}
+
+
+def keep_nvlink_multicast_off(environ=os.environ) -> None:
+    """Sets NVLINK_MULTICAST_OFF's variables in ``environ`` where unset; in
+    this process's environment it must run before NVSHMEM and NCCL start."""
+    for name, value in NVLINK_MULTICAST_OFF.items():
+        environ.setdefault(name, value)
+
+
 def get(name: str) -> str:
     """The variable's value; unset or blank means its default."""
     default, _ = VARIABLES[name]

@@ -316,7 +316,8 @@ def psum(x, axis_name, *, axis_index_groups=None, backend: str | None = None,
       >>> mesh = jax.make_mesh((4,), ('tp',))
       >>> f = jax.shard_map(lambda x: jax_nvrar.psum(x, 'tp'), mesh=mesh,
       ...                   in_specs=P('tp'), out_specs=P())
-      >>> print(f(jnp.arange(4.0)))
+      >>> x = jax.device_put(jnp.arange(4.0), jax.NamedSharding(mesh, P('tp')))
+      >>> print(f(x))
       [6.]
     """
     backend = _resolve_backend(backend)

@@ -97,6 +97,22 @@ def _local_gpu() -> int:
     return _distributed_state().process_id % max(_C.device_count(), 1)
 
 
+def _check_jax_may_use_a_gpu(platforms: str | None) -> None:
+    """RuntimeError, before anything starts, where the kernel cannot run: no
+    CUDA GPU is visible, or JAX is restricted to other platforms."""
+    where = ""
+    if _C.device_count() == 0:
+        where = "this process sees no CUDA GPU"
+    elif platforms and not {"cuda", "gpu"} & set(platforms.split(",")):
+        where = f"JAX runs on {platforms!r} only (JAX_PLATFORMS)"
+    if where:
+        raise RuntimeError(
+            f"jax_nvrar.initialize() starts the GPU kernel's runtime, but "
+            f"{where}. Without GPUs leave initialize() out: psum's backend "
+            "'auto' is lax.psum there and 'reference' runs the NVRAR "
+            "schedule in JAX")
+
+
 def _distributed_state():
     """jax.distributed's state. jax.process_index() would start the GPU
     client (and its preallocation), so it is not used before NVSHMEM runs."""
@@ -221,6 +237,7 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
         raise RuntimeError(extension_error())
     import jax
 
+    _check_jax_may_use_a_gpu(jax.config.jax_platforms)
     if workspace_mb is None:
         workspace_mb = _config.get_number("JAX_NVRAR_WORKSPACE_MB", minimum=1)
     if slots is None:
@@ -240,6 +257,7 @@ def initialize(workspace_mb: int | None = None, *, slots: int | None = None,
     uid = _share_unique_id(dist.client, process_id, timeout_ms=timeout_ms)
     slot_bytes = workspace_mb << 20
     gpu = _local_gpu()
+    _config.keep_nvlink_multicast_off()  # NCCL starts after this, at XLA's first collective
     _C.init(uid, process_id, n_processes, gpu, slot_bytes, slots, timeout_s)
     _Runtime.state = _State(
         pe=_C.my_pe(), n_pes=_C.n_pes(), node_pes=tuple(_C.node_pes()),

@@ -71,11 +71,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
+from jax_nvrar import _config
+
 __all__ = ["DistributedConfig", "initialize_distributed", "main", "visible_gpu_count"]
 
 _WORKER_FLAG = "--_worker"
 _PLATFORMS = ("auto", "cpu", "gpu")
-_NVLS_DEFAULTS = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0"}
 _UPDATE_MODE_FLAG = "--xla_gpu_command_buffer_update_mode"
 _UPDATE_MODE = "SKIP_TEMP"
 _UPDATE_MODE_JAXLIB = (0, 11, 2, 1)  # the first jaxlib release measured with it; older ones may
@@ -200,6 +201,7 @@ def initialize_distributed(platform: str | None = None) -> DistributedConfig:
         jax.distributed.initialize(coordinator_address=config.coordinator,
                                    num_processes=config.num_processes, process_id=config.process_id)
     else:
+        _config.keep_nvlink_multicast_off()  # before NCCL and NVSHMEM start
         jax.distributed.initialize(coordinator_address=config.coordinator,
                                    num_processes=config.num_processes, process_id=config.process_id,
                                    local_device_ids=[config.local_rank])
@@ -448,8 +450,7 @@ def _child_environ(job: _Job, local_rank: int) -> dict[str, str]:
         local_world_size=job.nproc_per_node, node_rank=job.node_rank, num_nodes=job.nnodes,
         platform=job.platform, source="jax_nvrar")
     env.update(config.environ())
-    for name, value in _NVLS_DEFAULTS.items():
-        env.setdefault(name, value)
+    _config.keep_nvlink_multicast_off(env)
     if job.platform == "cpu":
         env.setdefault("JAX_PLATFORMS", "cpu")
     xla_flags = _xla_flags(job.platform, env.get("XLA_FLAGS", ""))

@@ -217,6 +217,30 @@ def test_config_from_slurm_and_open_mpi():
                                                "JAX_NVRAR_NUM_PROCESSES": "x"})
 
 
+@pytest.mark.parametrize("user_set", [False, True])
+def test_initialize_distributed_keeps_nvlink_multicast_off(monkeypatch, user_set):
+    # Under SLURM (no launcher) on GPU: set before jax.distributed starts,
+    # unless the user set them.
+    import jax
+
+    for name in ("NVSHMEM_DISABLE_NVLS", "NCCL_NVLS_ENABLE"):
+        if user_set:
+            monkeypatch.setenv(name, "7")
+        else:
+            monkeypatch.delenv(name, raising=False)
+    for name, value in {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+                        "JAX_NVRAR_COORDINATOR": "n0:1234"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("JAX_NVRAR_PROCESS_ID", raising=False)
+    seen = {}
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(
+        kw, nvls=(os.environ.get("NVSHMEM_DISABLE_NVLS"), os.environ.get("NCCL_NVLS_ENABLE"))))
+    launch.initialize_distributed("gpu")
+    assert seen["local_device_ids"] == [1]
+    assert seen["nvls"] == (("7", "7") if user_set else ("1", "0"))
+
+
 @pytest.mark.parametrize("visible, count", [(None, 4), ("0,1", 2), ("2", 1), ("", 0), ("0,-1,1", 1)])
 def test_visible_gpu_count(monkeypatch, visible, count):
     listing = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})\n" for i in range(4))

@@ -491,3 +491,13 @@ def test_auto_routes_by_size_and_layout(monkeypatch, node_size, kib, kernel):
     text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert ("@nvrar_allreduce" in text) == kernel
     assert ("all_reduce" in text) == (not kernel)
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    from jax_nvrar import _psum
+    globs = dict(jax=jax, jnp=jnp, jax_nvrar=jax_nvrar, P=P)
+    test = doctest.DocTestFinder().find(_psum.psum, "psum", globs=globs)[0]
+    result = doctest.DocTestRunner().run(test)
+    assert result.attempted == 4 and result.failed == 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -100,6 +101,32 @@ def test_initialize_without_the_extension_says_why(monkeypatch):
     monkeypatch.setattr(_runtime, "_C", None)
     with pytest.raises(RuntimeError):
         _runtime.initialize()
+
+
+class _FakeExtension:
+    def __init__(self, gpus):
+        self.gpus = gpus
+
+    def device_count(self):
+        return self.gpus
+
+
+@pytest.mark.parametrize("gpus, message", [
+    (0, "this process sees no CUDA GPU"),
+    (1, "JAX runs on 'cpu' only (JAX_PLATFORMS)"),  # the tests' JAX_PLATFORMS
+])
+def test_initialize_without_a_gpu_says_so(monkeypatch, gpus, message):
+    monkeypatch.setattr(_runtime, "_C", _FakeExtension(gpus))
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"{message}. Without GPUs leave initialize() out")):
+        _runtime.initialize()
+    assert _runtime._Runtime.state is None
+
+
+@pytest.mark.parametrize("platforms", [None, "", "cuda", "cuda,cpu", "gpu"])
+def test_gpu_platforms_pass_the_check(monkeypatch, platforms):
+    monkeypatch.setattr(_runtime, "_C", _FakeExtension(2))
+    _runtime._check_jax_may_use_a_gpu(platforms)
 
 
 def test_override_sets_and_restores_variables(monkeypatch):
