@@ -115,7 +115,7 @@ def gpu_layouts(n: int) -> str:
     """Default layouts on n GPUs: 1x2, then every NODESxGPUS of all n
     (1x4 2x2 4x1 on 4 GPUs; 1x8 2x4 4x2 8x1 on 8, the paper's node shape
     among them)."""
-    sizes = [g for g in range(n, 0, -1) if n % g == 0]
+    sizes = [g for g in range(n, 0, -1) if n % g == 0] if n > 1 else []
     return ",".join(dict.fromkeys(["1x2"] + [f"{n // g}x{g}" for g in sizes]))
 
 
@@ -233,6 +233,11 @@ def driver_gpu(args) -> dict:
     host = H.host_env()
     n_gpus = args.gpus or H.gpu_count()
     layouts = [Layout.parse(t) for t in H.parse_list(args.layouts)]
+    if all(layout.n > n_gpus for layout in layouts):
+        raise SystemExit(
+            f"allreduce.py: layouts {args.layouts} need {min(l.n for l in layouts)} "
+            f"or more GPUs; {n_gpus} present (an all-reduce over one GPU moves "
+            "nothing). --platform cpu runs the functional check")
     skipped = []
     start = time.time()
     end = start + args.time_budget
@@ -378,8 +383,8 @@ def parse_args(argv=None):
     p.add_argument("--grace", type=float, default=45.0,
                    help="seconds past a group's budget before it is killed")
     p.add_argument("--quick", action="store_true",
-                   help="6 sizes (4K..16M by x8, 64M), decode shapes only "
-                        "tag swept sizes, 5 repeats")
+                   help="6 sizes (4K..16M by x8, 64M; on CPU 4K and 64K), "
+                        "decode shapes only tag swept sizes, 5 repeats")
     p.add_argument("--out-dir", default=str(H.RESULTS_DIR))
     p.add_argument("--prefix", default=None,
                    help="output file prefix (default allreduce, or "

@@ -145,6 +145,12 @@ def driver_gpu(args) -> dict:
     n_gpus = args.gpus or H.gpu_count()
     start = time.time()
     tps = [int(t) for t in H.parse_list(args.tp)]
+    if all(tp > n_gpus for tp in tps):
+        raise SystemExit(
+            f"decode.py: --tp {args.tp} needs {min(tps)} or more GPUs; {n_gpus} present"
+            + (f" (--tp {n_gpus} runs on them)" if n_gpus > 1 else
+               " (tensor parallelism needs 2 or more GPUs); --platform cpu runs the "
+               "functional check"))
     skipped = [{"what": f"tp={tp}", "reason": f"needs {tp} GPUs; {n_gpus} present"}
                for tp in tps if tp > n_gpus]
     tps = [tp for tp in tps if tp <= n_gpus]

@@ -113,6 +113,17 @@ def _inter_node_puts() -> bool:
     return _config.get_choice("JAX_NVRAR_INTER_NODE", _config.INTER_NODE) == "put"
 
 
+def _check_kernel_settings() -> None:
+    """ValueError naming the variable where a kernel setting is malformed,
+    whatever the backend: a typo shows where it is made (on CPU too), not
+    first when the kernel runs on a GPU machine."""
+    _config.get_choice("JAX_NVRAR_ALGO", _config.ALGOS)
+    _config.get_number("JAX_NVRAR_BLOCKS", maximum=_tuning.MAX_BLOCKS)
+    _fault_switch()
+    _inter_node_puts()
+    _tuning.table_entries()
+
+
 def _nvshmem_lowering(ctx, x, *, axes, node_size, impl, algo):
     (aval,) = ctx.avals_in
     nbytes = math.prod(aval.shape) * aval.dtype.itemsize
@@ -199,7 +210,10 @@ def _resolve_node_size(node_size: int | None, axis_size: int,
         return math.gcd(physical, axis_size) if physical else axis_size
     if backend == "auto" and axis_size % node_size:
         return None  # a global hint for other axes; this one runs on XLA
-    return _schedule.make_layout(axis_size, node_size).node_size
+    try:
+        return _schedule.make_layout(axis_size, node_size).node_size
+    except ValueError as error:
+        raise ValueError(f"JAX_NVRAR_NODE_SIZE={node_size}: {error}") from None
 
 
 def _mesh_axes() -> frozenset:
@@ -321,6 +335,7 @@ def psum(x, axis_name, *, axis_index_groups=None, backend: str | None = None,
       [6.]
     """
     backend = _resolve_backend(backend)
+    _check_kernel_settings()
     axes = _normalize_axes(axis_name)
     if not axes:
         return x
@@ -333,6 +348,8 @@ def psum(x, axis_name, *, axis_index_groups=None, backend: str | None = None,
     axis_size = math.prod(lax.axis_size(a) for a in axes)
     if backend != "xla":
         node_size = _resolve_node_size(node_size, axis_size, backend)
+    elif node_size is not None:  # unused by XLA, but must fit the axis
+        _schedule.make_layout(axis_size, node_size)
 
     def one(leaf):
         dtype = _check_leaf(leaf)

@@ -321,6 +321,20 @@ def test_default_gpu_layouts_cover_every_node_shape():
     assert allreduce.gpu_layouts(4) == allreduce.GPU_LAYOUTS == "1x2,1x4,2x2,4x1"
     assert allreduce.gpu_layouts(8) == "1x2,1x8,2x4,4x2,8x1"  # 2x4: the paper's nodes
     assert allreduce.gpu_layouts(2) == "1x2,2x1"
+    assert allreduce.gpu_layouts(1) == "1x2"  # skipped on one GPU, saying why
+
+
+def test_one_gpu_runs_no_group_and_says_why():
+    import allreduce
+    from _allreduce_cases import Layout
+    args = allreduce.parse_args(["--platform", "gpu", "--backends", "xla,nvshmem",
+                                 "--sizes", "4K", "--gpus", "1"])
+    assert args.layouts == "1x2"
+    skipped = []
+    groups = allreduce.plan_groups(args, [Layout.parse(args.layouts)], 1, skipped)
+    assert groups == [] and {s["reason"] for s in skipped} == {"needs 2 GPUs; 1 present"}
+    with pytest.raises(SystemExit, match="layouts 1x2 need 2 or more GPUs; 1 present"):
+        allreduce.driver_gpu(args)
 
 
 def test_link_pass_checks_the_data_it_moves(monkeypatch):

@@ -4,6 +4,7 @@ no-communication variant as the negative control), layer planning and the
 full-model prediction of truncated runs."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -230,3 +231,13 @@ def test_pipelined_step_is_e2e_minus_ttft_over_decode_steps():
              for r in rows]
     report._speedups(preds, {report._key(preds[0]): preds[0]}, {})
     assert "e2e_speedup" not in preds[1] and preds[1]["ttft_speedup"] > 0
+
+
+@pytest.mark.parametrize("gpus, hint", [(1, "tensor parallelism needs 2 or more GPUs"),
+                                        (2, "--tp 2 runs on them")])
+def test_too_few_gpus_for_every_tp_is_an_error(gpus, hint):
+    args = decode.parse_args(["--platform", "gpu", "--gpus", str(gpus)])
+    with pytest.raises(SystemExit, match=f"--tp 4 needs 4 or more GPUs; {gpus} present"):
+        decode.driver_gpu(args)
+    with pytest.raises(SystemExit, match=re.escape(hint)):
+        decode.driver_gpu(args)

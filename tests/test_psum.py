@@ -1,6 +1,7 @@
 """jax_nvrar.psum against lax.psum on 8 simulated CPU devices."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -296,11 +297,20 @@ def test_node_size_from_environment(monkeypatch):
     monkeypatch.setenv("JAX_NVRAR_NODE_SIZE", "2")
     assert "node_size=2" in str(trace(lambda v: reference(v)))
     monkeypatch.setenv("JAX_NVRAR_NODE_SIZE", "3")
-    with pytest.raises(ValueError, match="node_size=3 does not divide"):
+    with pytest.raises(ValueError, match="JAX_NVRAR_NODE_SIZE=3: node_size=3 does not divide"):
         trace(lambda v: reference(v))
     monkeypatch.setenv("JAX_NVRAR_NODE_SIZE", "two")
     with pytest.raises(ValueError, match="JAX_NVRAR_NODE_SIZE='two'"):
         trace(lambda v: reference(v))
+
+
+@pytest.mark.parametrize("node_size, error, message", [
+    (3, ValueError, "node_size=3 does not divide"), (0, ValueError, "must be >= 1"),
+    ("2", TypeError, "must be an int")])
+def test_explicit_node_size_must_fit_on_xla_too(node_size, error, message):
+    # XLA does not use it, but a wrong one is still the caller's mistake.
+    with pytest.raises(error, match=message):
+        trace(lambda v: jax_nvrar.psum(v, "tp", backend="xla", node_size=node_size))
 
 
 def trace(fn, x=None):
@@ -386,7 +396,7 @@ def test_node_size_variable_does_not_break_other_axes(monkeypatch):
         ours = reduce_with(lambda v: jax_nvrar.psum(v, "dp", backend=backend),
                            mesh, spec, x, out_spec=out_spec)
         assert_same(ours, want)
-    with pytest.raises(ValueError, match="node_size=4 does not divide"):
+    with pytest.raises(ValueError, match="JAX_NVRAR_NODE_SIZE=4: node_size=4 does not divide"):
         reduce_with(lambda v: jax_nvrar.psum(v, "dp", backend="reference"),
                     mesh, spec, x, out_spec=out_spec)
 
@@ -398,6 +408,24 @@ def test_blank_and_malformed_variables(monkeypatch):
     monkeypatch.setenv("JAX_NVRAR_AUTO_MAX_KB", "lots")
     with pytest.raises(ValueError, match="JAX_NVRAR_AUTO_MAX_KB='lots'"):
         trace(lambda v: jax_nvrar.psum(v, "tp"))
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("JAX_NVRAR_ALGO", "foo", "JAX_NVRAR_ALGO='foo' is not one of"),
+    ("JAX_NVRAR_BLOCKS", "-1", "JAX_NVRAR_BLOCKS=-1 must be >= 0"),
+    ("JAX_NVRAR_BLOCKS", "abc", "JAX_NVRAR_BLOCKS='abc' is not an integer"),
+    ("JAX_NVRAR_INTER_NODE", "bar", "JAX_NVRAR_INTER_NODE='bar' is not one of"),
+    ("JAX_NVRAR_FAULT_INJECT", "7", "JAX_NVRAR_FAULT_INJECT=7 is not 0, 1, 2 or 3"),
+    ("JAX_NVRAR_TUNING", "/nonexistent.json", "JAX_NVRAR_TUNING='/nonexistent.json'"),
+])
+@pytest.mark.parametrize("backend", ["auto", "xla", "reference"])
+def test_malformed_kernel_settings_are_errors_on_every_backend(
+        monkeypatch, name, value, message, backend):
+    # Read only on the kernel's path, but checked on every call: a typo
+    # shows where it is made, not first on a GPU machine.
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trace(lambda v: jax_nvrar.psum(v, "tp", backend=backend))
 
 
 def test_axis_index_groups_and_empty_axes():
