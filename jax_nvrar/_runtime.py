@@ -60,7 +60,11 @@ class _Runtime:
 def extension_error() -> str | None:
     """Why the CUDA extension is unavailable, or None when it is built."""
     if _C is None:
-        return f"the CUDA extension jax_nvrar._C is not built ({_IMPORT_ERROR})"
+        if getattr(_IMPORT_ERROR, "name", None) == "jax_nvrar._C":
+            return f"the CUDA extension jax_nvrar._C is not built ({_IMPORT_ERROR})"
+        return (f"the CUDA extension jax_nvrar._C is built but does not load "
+                f"({_IMPORT_ERROR}); NVSHMEM's host library comes with "
+                "pip install -e '.[gpu]'")
     return None
 
 

@@ -97,9 +97,16 @@ def test_variant_tables_are_compared_by_contents(monkeypatch, tmp_path):
     assert "variant table" in _agree([mine, theirs])[0]
 
 
-def test_initialize_without_the_extension_says_why(monkeypatch):
+@pytest.mark.parametrize("error, message", [
+    (ModuleNotFoundError("No module named 'jax_nvrar._C'", name="jax_nvrar._C"),
+     "jax_nvrar._C is not built"),
+    (ImportError("libnvshmem_host.so.3: cannot open shared object file"),
+     "jax_nvrar._C is built but does not load (libnvshmem_host.so.3"),
+])
+def test_initialize_without_the_extension_says_why(monkeypatch, error, message):
     monkeypatch.setattr(_runtime, "_C", None)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(_runtime, "_IMPORT_ERROR", error)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         _runtime.initialize()
 
 
@@ -216,5 +223,6 @@ def test_trace_rows_says_how_to_get_a_trace(monkeypatch):
     with pytest.raises(RuntimeError, match="JAX_NVRAR_TRACE|not built"):
         _runtime.trace_rows()
     monkeypatch.setattr(_runtime, "_C", None)
+    monkeypatch.setattr(_runtime, "_IMPORT_ERROR", ModuleNotFoundError(name="jax_nvrar._C"))
     with pytest.raises(RuntimeError, match="not built"):
         _runtime.trace_rows()
