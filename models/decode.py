@@ -50,10 +50,17 @@ def _cuda_expected() -> bool:
     return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
 
 
+def _launched() -> bool:
+    """Whether jax.distributed runs (the launcher started it), as NVSHMEM's start needs."""
+    import jax
+
+    return getattr(jax.distributed, "is_initialized", lambda: False)()
+
+
 def _configure_devices(args) -> None:
     import jax
 
-    if getattr(jax.distributed, "is_initialized", lambda: False)():
+    if _launched():
         return  # under the launcher: each process uses the devices it was given
     try:
         # Only the CPU backend reads this, so it is harmless where GPUs exist.
@@ -266,9 +273,13 @@ def main(argv=None) -> dict:
     cuda = _cuda_expected()
     _configure_devices(args)
     if "nvrar" in [args.allreduce] + args.compare_with and cuda:
-        import jax_nvrar
+        if _launched():
+            import jax_nvrar
 
-        jax_nvrar.initialize()
+            jax_nvrar.initialize()
+        else:  # e.g. one GPU, or several driven by this one process
+            print("models.decode: not started by python -m jax_nvrar.launch, so the NVRAR kernel is not "
+                  "started; nvrar's all-reduces run as lax.psum", file=sys.stderr)
 
     import jax
 

@@ -347,6 +347,11 @@ def main():
     jax_nvrar.initialize()
     suite = Suite(args.quick)
     n = suite.n
+    if n < 2:  # psum over one device is the identity: the kernel never runs
+        suite.log("GPU suite: needs 2 or more processes, one per GPU; with 1 "
+                  "no all-reduce reaches the kernel")
+        jax_nvrar.finalize()
+        return 2
     suite.log(f"GPU suite: {n} processes, {jax.devices()[0].device_kind}, "
               f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     # Node sizes: every divisor of n (4 PEs: 1x4 2x2 4x1; 8: 1x8 2x4 4x2 8x1).

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from jax_nvrar.launch import visible_gpu_count
 from models import decode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +17,10 @@ TIED = os.path.join(ROOT, "tests", "fixtures", "llama_tiny_tied")
 
 
 def _cli(*args):
+    # As a user starts it on a machine without GPUs (on one with GPUs it runs there).
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    if visible_gpu_count():
+        env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run([sys.executable, "-m", "models.decode", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -53,6 +57,17 @@ def test_ragged_random_prompts_and_layer_override(capsys):
     summary = decode.main(["--tp", "4", "--allreduce", "xla", "--layers", "1", "--batch", "3", "--ragged",
                            "--gen-len", "2", "--no-warmup"])
     assert (summary["layers"], summary["tp"], summary["batch"]) == (1, 4, 3)
+
+
+def test_nvrar_without_the_launcher_says_it_runs_psum(monkeypatch, capsys):
+    # A GPU machine, but no jax.distributed (one GPU, or one process for
+    # several): NVSHMEM cannot start, the all-reduces are lax.psum's.
+    import jax_nvrar
+    monkeypatch.setattr(decode, "_cuda_expected", lambda: True)
+    monkeypatch.setattr(jax_nvrar, "initialize", lambda: pytest.fail("initialize() called"))
+    decode.main(["--tp", "2", "--layers", "1", "--gen-len", "2", "--no-warmup"])
+    err = capsys.readouterr().err
+    assert "not started by python -m jax_nvrar.launch" in err and "-> lax.psum" in err
 
 
 @pytest.mark.parametrize("argv,match", [(["--tp", "3"], "tp=3"), (["--layers", "9"], "1..2, got 9"),
