@@ -219,6 +219,9 @@ def traced(run) -> tuple[list, float, list]:
                 raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
             data = ProfileData.from_file(paths[0])
             events, spans, problem = op_events(data), host_spans(data), ""
+            if not events:  # not an empty program: a trace layout op_events does not read
+                raise RuntimeError("the trace holds no op of this program (no GPU plane, and no "
+                                   "host event carries hlo_op and hlo_module)")
         except Exception as exc:  # agreed below, so that no process waits in a gather for this one
             events, spans, problem = [], [], f"{type(exc).__name__}: {exc}"
     failed = [i for i, bad in enumerate(H.gather_rows([float(bool(problem))])[:, 0]) if bad]

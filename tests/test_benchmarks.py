@@ -521,3 +521,12 @@ def test_kernel_trace_entry_spread_single_process():
     import kernel_trace as kt
     entries = np.array([(1 << 31) - 5, (1 << 31) + 7, 3 << 40], dtype=np.int64)
     assert kt.entry_spread(entries, 0).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_trace_without_ops_is_an_error(monkeypatch):
+    # A trace layout op_events does not read gives no op: an error, not rows of nan.
+    import jax.numpy as jnp
+    import step_profile
+    monkeypatch.setattr(step_profile, "op_events", lambda data: [])
+    with pytest.raises(RuntimeError, match="the trace holds no op of this program"):
+        step_profile.traced(lambda: jnp.ones(4).block_until_ready())
