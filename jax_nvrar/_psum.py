@@ -95,8 +95,17 @@ def _kernel_variant(algo: str, nbytes: int, node_size: int,
     variants run only when JAX_NVRAR_ALGO asks for them (benchmarks)."""
     variant, blocks = ((algo, 0) if algo != "auto" or num_nodes > 1
                        else _tuning.variant_for(nbytes, node_size))
-    forced = _config.get_number("JAX_NVRAR_BLOCKS", maximum=_tuning.MAX_BLOCKS)
-    return variant, forced or blocks
+    return variant, _forced_blocks() or blocks
+
+
+def _algo() -> str:
+    """$JAX_NVRAR_ALGO: the kernel variant asked for (auto: the table's)."""
+    return _config.get_choice("JAX_NVRAR_ALGO", _config.ALGOS)
+
+
+def _forced_blocks() -> int:
+    """$JAX_NVRAR_BLOCKS: thread blocks per launch, 0 for the table's."""
+    return _config.get_number("JAX_NVRAR_BLOCKS", maximum=_tuning.MAX_BLOCKS)
 
 
 def _fault_switch() -> int:
@@ -117,8 +126,8 @@ def _check_kernel_settings() -> None:
     """ValueError naming the variable where a kernel setting is malformed,
     whatever the backend: a typo shows where it is made (on CPU too), not
     first when the kernel runs on a GPU machine."""
-    _config.get_choice("JAX_NVRAR_ALGO", _config.ALGOS)
-    _config.get_number("JAX_NVRAR_BLOCKS", maximum=_tuning.MAX_BLOCKS)
+    _algo()
+    _forced_blocks()
     _fault_switch()
     _inter_node_puts()
     _tuning.table_entries()
@@ -366,8 +375,7 @@ def psum(x, axis_name, *, axis_index_groups=None, backend: str | None = None,
                                   "dtype": str(dtype), "axes": axes})
         if impl == "xla":
             return lax.psum(leaf, axes)
-        algo = ("auto" if impl == "reference" else
-                _config.get_choice("JAX_NVRAR_ALGO", _config.ALGOS))
+        algo = "auto" if impl == "reference" else _algo()
         return _bind(leaf, axes, node_size, impl, algo)
 
     return jax.tree_util.tree_map(one, x)
